@@ -1,0 +1,200 @@
+"""The training loop, one per worker, shared by the in-process path and TorchTrainer workers.
+
+Ray and MLflow are injected through a `Session` (report / restore / tracker) so this file is plain PyTorch
+and the same loop is driven by a Tune trial, a Train worker, a benchmark or a unit test. The hot path is
+`method.train_step(batch)` plus one on-device accumulation; the host synchronises once per log interval.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from ebm_scale.config import EbmScaleConfig, to_container
+from ebm_scale.data import load_dataset
+from ebm_scale.engine.state import gather_to_rank0, rng_state, save_state, seed_everything, set_rng_state
+from ebm_scale.methods import build_method
+from ebm_scale.metrics.toy import evaluate_toy
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifacts(self, paths: list, artifact_path: str) -> None: ...
+
+
+class Session(Protocol):
+    """What the loop needs from whoever runs it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tracker: Tracker | None  # rank 0 only
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...  # called by every rank
+    def restore(self) -> dict | None: ...
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by debug.crash_once_at_step to exercise retry-from-checkpoint."""
+
+
+@dataclass
+class RunSummary:
+    step: int
+    diverged: bool
+    metrics: dict
+
+
+class MetricAccumulator:
+    """Sums per-step metric tensors on the device; `pop()` moves the means to the host in one transfer."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.detach().clone()
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        keys = list(self.sums)
+        values = (torch.stack([self.sums[k].float() for k in keys]) / self.count).tolist()
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, values))
+
+
+def pick_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible to this worker")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def _all_finite(values: dict[str, float], world_size: int) -> bool:
+    ok = all(math.isfinite(v) for v in values.values())
+    if world_size > 1:  # every rank must take the same branch, or the next collective hangs
+        flag = torch.tensor([1.0 if ok else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item() > 0)
+    return ok
+
+
+def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
+    torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device, session.local_rank)
+    seed_everything(cfg.seed)  # same network init on every rank (and broadcast below, to be sure)
+    data = load_dataset(cfg.data, cfg.seed)
+    method = build_method(cfg.method, data.spec, device)
+    method.broadcast_parameters()
+    # Per-rank streams from here on: ranks draw different batches and chains.
+    seed_everything(cfg.seed * 1009 + session.rank)
+    batch_rng = torch.Generator().manual_seed(cfg.seed * 7919 + session.rank)
+    train_x = data.train.to(device)
+
+    start, restored = 0, session.restore()
+    if restored is not None:
+        method.load_state_dict(restored["method"])
+        start = restored["step"]
+        per_rank = restored["per_rank"]
+        if len(per_rank) == session.world_size:
+            mine = per_rank[session.rank]
+            set_rng_state(mine["rng"])
+            batch_rng.set_state(mine["batch_rng"])
+            method.load_extra_state(mine["extra"])
+        if session.tracker is not None:
+            session.tracker.log_metrics({"resumed_from_step": float(start)}, start)
+
+    accumulator = MetricAccumulator()
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    t_log = time.perf_counter()
+    method.train()
+    for step in range(start + 1, cfg.train.iterations + 1):
+        _debug_faults(cfg, method, step, restored is not None)
+        idx = torch.randint(len(train_x), (cfg.train.batch_size,), generator=batch_rng).to(device)
+        try:
+            accumulator.add(method.train_step(train_x[idx]))
+        except (AssertionError, RuntimeError) as err:
+            # An adaptive ODE solver meeting NaNs fails with "underflow in dt" rather than returning NaN:
+            # that is divergence too, but only when the weights really went non-finite.
+            if isinstance(err, InjectedCrash) or _weights_finite(method):
+                raise
+            return _end_diverged(cfg, session, step, {"train/error": float("nan")}, last_eval)
+
+        is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.iterations
+        if step % cfg.train.log_every == 0 or is_eval:
+            n_steps = accumulator.count
+            last_train = {f"train/{k}": v for k, v in accumulator.pop().items()}
+            if not _all_finite(last_train, session.world_size):
+                return _end_diverged(cfg, session, step, last_train, last_eval)
+            now = time.perf_counter()
+            last_train["train/sec_per_iter"] = (now - t_log) / max(n_steps, 1)
+            t_log = now
+            if session.tracker is not None:
+                session.tracker.log_metrics(last_train, step)
+
+        if is_eval:
+            last_eval = _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train)
+            t_log = time.perf_counter()  # evaluation time is not training time
+    return RunSummary(step=cfg.train.iterations, diverged=False, metrics={**last_train, **last_eval})
+
+
+def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train) -> dict:
+    per_rank = gather_to_rank0({"rng": rng_state(), "batch_rng": batch_rng.get_state(), "extra": method.extra_state()})
+    with tempfile.TemporaryDirectory(prefix="ebm_scale_ckpt_") as tmp:
+        metrics: dict[str, float] = {"step": step, "diverged": 0}
+        checkpoint_dir = None
+        if session.rank == 0:
+            method.train(False)
+            eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step)
+            method.train(True)
+            metrics.update(eval_metrics)
+            if session.tracker is not None:
+                session.tracker.log_metrics(eval_metrics, step)
+                session.tracker.log_artifacts(artifacts, "plots")
+            state = {"method": method.state_dict(), "step": step, "per_rank": per_rank, "config": to_container(cfg)}
+            checkpoint_dir = tmp + "/checkpoint"
+            save_state(checkpoint_dir, state)
+            metrics.update(last_train)
+        # Eval uses rank 0's RNG only; resume restores each rank's own state, so this stays exact.
+        session.report(metrics, checkpoint_dir)
+    return {k: v for k, v in metrics.items() if k.startswith("eval/")}
+
+
+def _weights_finite(method) -> bool:
+    return all(torch.isfinite(p).all() for net in method.networks.values() for p in net.parameters())
+
+
+def _end_diverged(cfg, session, step, last_train, last_eval) -> RunSummary:
+    """Non-finite loss or energy: the run ends here, reported as diverged; its last good checkpoint stays."""
+    worst = math.inf if cfg.search.mode == "min" else -math.inf
+    metrics = {**last_eval, **{k: v for k, v in last_train.items()}, "step": step, "diverged": 1, cfg.search.metric: worst}
+    if session.tracker is not None:
+        session.tracker.log_metrics({"diverged_at_step": float(step)}, step)
+    session.report(metrics, None)
+    return RunSummary(step=step, diverged=True, metrics=metrics)
+
+
+def _debug_faults(cfg, method, step: int, restored: bool) -> None:
+    if cfg.debug.nan_at_step == step:
+        with torch.no_grad():
+            for net in method.networks.values():
+                for p in net.parameters():
+                    p.fill_(float("nan"))
+    if cfg.debug.crash_once_at_step == step and not restored:
+        raise InjectedCrash(f"debug.crash_once_at_step={step}: injected crash (the retry resumes from the checkpoint)")

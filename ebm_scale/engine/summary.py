@@ -1,0 +1,131 @@
+"""The sweep's own pictures: Optuna's parameter importance and parallel coordinates, learning curves of
+every trial coloured by outcome, and the best trial's samples.
+
+The Optuna study is rebuilt from Tune's results (finished trials COMPLETE, ASHA-stopped ones PRUNED with
+their intermediate values) so the same figures come out for a fresh and a resumed sweep.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+OUTCOME_COLORS = {"finished": "tab:blue", "pruned": "tab:gray", "diverged": "tab:red", "failed": "black"}
+
+
+def _distribution(spec: dict):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    (name, args), = spec.items()
+    if name == "uniform":
+        return FloatDistribution(args[0], args[1])
+    if name == "loguniform":
+        return FloatDistribution(args[0], args[1], log=True)
+    if name == "randint":
+        return IntDistribution(args[0], args[1])
+    if name == "qrandint":
+        return IntDistribution(args[0], args[1], step=args[2])
+    return CategoricalDistribution(list(args))  # choice, grid
+
+
+def study_from_results(cfg, results):
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from ebm_scale.engine.sweep import trial_outcome
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize" if cfg.search.mode == "min" else "maximize")
+    distributions = {k: _distribution(v) for k, v in cfg.search.space.items()}
+    for r in results:
+        m, cfg_values = r.metrics or {}, r.config or {}
+        if not set(distributions) <= set(cfg_values):
+            continue
+        outcome = trial_outcome(m, cfg.train.iterations, r.error is not None)
+        value = m.get(cfg.search.metric)
+        history = r.metrics_dataframe
+        intermediate = {}
+        if history is not None and cfg.search.metric in history:
+            intermediate = {int(s): float(v) for s, v in zip(history["step"], history[cfg.search.metric])
+                            if v is not None and math.isfinite(v)}
+        finite = value is not None and math.isfinite(value)
+        state = TrialState.COMPLETE if outcome == "finished" and finite else (
+            TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL)
+        study.add_trial(create_trial(
+            params={k: cfg_values[k] for k in distributions}, distributions=distributions,
+            value=value if state == TrialState.COMPLETE else None, state=state,
+            intermediate_values=intermediate, user_attrs={"outcome": outcome}))
+    return study
+
+
+def learning_curves(cfg, results, path: Path) -> Path:
+    from ebm_scale.engine.sweep import trial_outcome
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    seen = set()
+    for r in results:
+        history = r.metrics_dataframe
+        if history is None or cfg.search.metric not in history:
+            continue
+        outcome = trial_outcome(r.metrics or {}, cfg.train.iterations, r.error is not None)
+        ax.plot(history["step"], history[cfg.search.metric], marker="o", ms=3, lw=1.2,
+                color=OUTCOME_COLORS[outcome], label=outcome if outcome not in seen else None, alpha=0.85)
+        seen.add(outcome)
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel(cfg.search.metric)
+    if cfg.search.metric.endswith("sinkhorn"):
+        ax.set_yscale("log")
+    ax.set_title(f"{cfg.name}: every trial's {cfg.search.metric} (ASHA-stopped trials in grey)")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sweep_figures(cfg, results, out_dir: str, printer=print) -> list[str]:
+    from optuna.visualization import matplotlib as ovm
+
+    out = Path(out_dir)
+    paths = [str(learning_curves(cfg, results, out / "learning_curves.png"))]
+    if not cfg.search.space:
+        return paths
+    study = study_from_results(cfg, results)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    plots = {"param_importances.png": ovm.plot_param_importances,
+             "parallel_coordinate.png": ovm.plot_parallel_coordinate}
+    for name, plot in plots.items():
+        if len(complete) < 2:
+            printer(f"  (skipping {name}: needs at least 2 trials that ran to the end, have {len(complete)})")
+            continue
+        try:
+            ax = plot(study)
+            fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
+            fig.set_size_inches(8, 4.5)
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=100)
+            plt.close(fig)
+            paths.append(str(out / name))
+        except (ValueError, RuntimeError) as err:  # e.g. importance needs parameter variation
+            printer(f"  (skipping {name}: {err})")
+    return paths
+
+
+def copy_best_samples(uri: str, run_id: str, out_dir: str) -> str | None:
+    """Download the best trial's last samples picture, to show it on the sweep's parent run."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    files = [f.path for f in MlflowClient(uri).list_artifacts(run_id, "plots") if Path(f.path).name.startswith("samples_")]
+    if not files:
+        return None
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sorted(files)[-1], dst_path=out_dir,
+                                                tracking_uri=uri)
+    target = Path(out_dir) / "best_trial_samples.png"
+    Path(local).rename(target)
+    return str(target)

@@ -1,0 +1,361 @@
+"""A sweep: Ray Tune over the trial driver, Optuna (multivariate TPE) proposing, ASHA stopping early,
+MLflow recording, and `--resume` through Tuner.restore.
+
+Every trial ends with one outcome — finished, pruned (stopped early by ASHA), diverged (non-finite loss or
+energy) or failed (an exception) — and that one outcome is what MLflow's run status, the Optuna study
+and the printed summary all say.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from ray.tune import Callback
+
+from ebm_scale.config import EbmScaleConfig, flatten, to_container
+from ebm_scale.engine import tracking
+from ebm_scale.engine.launch import TrialContext, run_trial
+from ebm_scale.errors import ConfigError
+
+Printer = Callable[[str], None]
+
+
+def trial_outcome(result: dict | None, iterations: int, error: bool) -> str:
+    if error:
+        return "failed"
+    if not result:
+        return "pruned"
+    if result.get("diverged"):
+        return "diverged"
+    return "finished" if result.get("step", 0) >= iterations else "pruned"
+
+
+# --- the search space ---------------------------------------------------------------------------------
+
+def tune_search_space(space: dict) -> dict:
+    """YAML search space → Tune domains. `randint: [low, high]` includes high (as people read it)."""
+    from ray import tune
+
+    makers = {
+        "uniform": lambda a: tune.uniform(a[0], a[1]),
+        "loguniform": lambda a: tune.loguniform(a[0], a[1]),
+        "randint": lambda a: tune.randint(a[0], a[1] + 1),
+        "qrandint": lambda a: tune.qrandint(a[0], a[1], a[2]),
+        "choice": lambda a: tune.choice(list(a)),
+        "grid": lambda a: tune.grid_search(list(a)),
+    }
+    out = {}
+    for key, spec in space.items():
+        (dist_name, args), = spec.items()
+        out[key] = makers[dist_name](args)
+    return out
+
+
+def _make_searcher(cfg: EbmScaleConfig):
+    if cfg.search.algo == "random" or not cfg.search.space:
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=cfg.search.seed)
+    return _prune_aware_optuna(cfg)
+
+
+def _prune_aware_optuna(cfg: EbmScaleConfig):
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    iterations = cfg.train.iterations
+
+    class PruneAwareOptunaSearch(OptunaSearch):
+        """OptunaSearch that tells Optuna the truth: ASHA-stopped trials are PRUNED (with the intermediate
+        values already reported), diverged and failed ones FAIL. Stock OptunaSearch records an early-stopped
+        trial as COMPLETE with its low-fidelity value, which misleads TPE."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if math.isfinite(float(result.get(self.metric, math.nan))):
+                super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            outcome = trial_outcome(result, iterations, error)
+            if outcome == "finished" or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr("outcome", outcome)
+            state = TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL
+            self._ot_study.tell(ot_trial, state=state)
+            self._completed_trials.add(trial_id)
+
+    sampler = optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=cfg.search.multivariate,
+                                         n_startup_trials=cfg.search.n_startup_trials)
+    return PruneAwareOptunaSearch(metric=cfg.search.metric, mode=cfg.search.mode, sampler=sampler)
+
+
+def _make_scheduler(cfg: EbmScaleConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = cfg.search.scheduler
+    if s.kind == "fifo":
+        return FIFOScheduler()
+    # time_attr "step" = training iterations, so grace_period and max_t read in the same unit as train.*
+    return ASHAScheduler(time_attr="step", max_t=s.max_t or cfg.train.iterations,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+
+
+# --- Ray and resources --------------------------------------------------------------------------------
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (e.g. after `ray up`), or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # The dashboard stays on (Ray releases finished trials' placement groups through the State API).
+    # Workers' own logs stay in Ray's session folder: a failed trial's error is printed by TrialOutcomes.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="ERROR", log_to_driver=False)
+
+
+def max_concurrent_trials(cfg: EbmScaleConfig, cluster: dict[str, float]) -> int:
+    """How many trials fit at once; a ConfigError naming the key if even one never fits."""
+    need = cfg.scaling.trial_resources()
+    fits = []
+    for resource, amount in need.items():
+        if amount <= 0:
+            continue
+        have = cluster.get(resource, 0.0)
+        if have + 1e-9 < amount:
+            key = "scaling.use_gpu" if resource == "GPU" and have == 0 else "scaling.num_workers"
+            raise ConfigError(key, f"one trial needs {amount:g} {resource} (driver {cfg.scaling.driver_cpus:g} CPU + "
+                                   f"{cfg.scaling.num_workers} worker(s)), but the Ray cluster has {have:g} {resource}")
+        fits.append(int(have // amount + 1e-9))
+    n = min(fits) if fits else 1
+    if cfg.search.max_concurrent_trials:
+        n = min(n, cfg.search.max_concurrent_trials)
+    return max(1, min(n, cfg.search.num_samples))
+
+
+# --- the Tune callback that decides and records outcomes ---------------------------------------------
+
+class TrialOutcomes(Callback):
+    """Runs in the sweep process: ends each trial's MLflow run with the outcome it really had."""
+
+    def __init__(self, ctx: TrialContext, metric: str, iterations: int, printer: Printer = print):
+        self.ctx, self.metric, self.iterations = ctx, metric, iterations
+        self.started: set[str] = set()
+        self.printer = printer
+
+    def __getstate__(self):  # Tune pickles callbacks into the sweep state; a printer need not survive
+        return {k: v for k, v in self.__dict__.items() if k != "printer"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.printer = print
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id not in self.started:
+            self.started.add(trial.trial_id)
+            shown = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in trial.config.items())
+            self.printer(f"  start    {trial.trial_id}  {shown}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, trial_outcome(trial.last_result, self.iterations, error=False))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "failed")
+        error = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+        if error and os.path.exists(error):
+            lines = [line for line in open(error).read().strip().splitlines() if line.strip()]
+            self.printer("           " + (lines[-1] if lines else "(no message)") + f"  [full traceback: {error}]")
+
+    def _end(self, trial, outcome: str) -> None:
+        result = trial.last_result or {}
+        tags = {}
+        ckpt = getattr(trial, "checkpoint", None)
+        location = getattr(ckpt, "path", None) or result.get("checkpoint_path")
+        if location:
+            tags["ebm_scale.checkpoint"] = str(location)
+        run_id = tracking.find_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id, trial.trial_id)
+        if run_id:
+            tracking.end_run(self.ctx.tracking_uri, run_id, outcome, tags)
+        self.printer(f"  {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "
+                     f"{self.metric}={_fmt(result.get(self.metric))}")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# --- the sweep ----------------------------------------------------------------------------------------
+
+@dataclass
+class SweepResult:
+    experiment: str
+    parent_run_id: str
+    tracking_uri: str
+    best_config: dict | None
+    best_metrics: dict | None
+    best_run_id: str | None
+    counts: dict
+    seconds: float
+    summary_figures: list
+
+
+def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = print,
+              extra_callbacks: list | None = None) -> SweepResult:
+    import ray
+    from ray import tune
+
+    t0 = time.perf_counter()
+    uri = cfg.tracking.resolved_uri()
+    storage = cfg.storage.resolved_path()
+    experiment = cfg.tracking.experiment or cfg.name
+    sweep_root = storage.rstrip("/") + "/" + cfg.name
+    previous = _latest_run_dir(sweep_root) if resume else None
+    # Each new sweep gets its own folder (and so its own MLflow parent run); --resume reuses the latest.
+    run_name = previous or time.strftime("%Y%m%d-%H%M%S")
+    sweep_path = f"{sweep_root}/{run_name}"
+
+    init_ray()
+    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    base = to_container(cfg)
+
+    experiment_id, parent_run_id = tracking.start_sweep_run(uri, experiment, sweep_path, f"sweep-{cfg.name}",
+                                                           tracking.provenance_tags())
+    _log_sweep_inputs(uri, parent_run_id, cfg, base, concurrency)
+    ctx = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                       storage_path=storage, async_logging=cfg.tracking.async_logging)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, context=ctx),
+                                    {"CPU": cfg.scaling.driver_cpus})
+    param_space = tune_search_space(cfg.search.space)
+    callback = TrialOutcomes(ctx, cfg.search.metric, cfg.train.iterations, printer)
+    printer(f"sweep {cfg.name}: {cfg.search.num_samples} trial(s) of {cfg.method.name} on {cfg.data.name}, "
+            f"{concurrency} at a time, {cfg.train.iterations} iterations each "
+            f"({'in-process' if cfg.scaling.num_workers == 0 else f'{cfg.scaling.num_workers}-worker TorchTrainer'})")
+    if previous and tune.Tuner.can_restore(sweep_path):
+        printer(f"resuming from {sweep_path}")
+        tuner = tune.Tuner.restore(sweep_path, trainable=trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        if resume:
+            printer(f"nothing to resume at {sweep_path}: starting a new sweep")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.search.metric, mode=cfg.search.mode, num_samples=cfg.search.num_samples,
+                search_alg=_make_searcher(cfg), scheduler=_make_scheduler(cfg),
+                max_concurrent_trials=concurrency,
+                trial_name_creator=lambda t: f"{cfg.method.name}_{t.trial_id}",
+                trial_dirname_creator=lambda t: f"{cfg.method.name}_{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=run_name, storage_path=sweep_root, callbacks=[callback, *(extra_callbacks or [])], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    results = tuner.fit()
+    best = _best_result(results, cfg)
+    best_run_id = None
+    best_config = best_metrics = None
+    if best is not None:
+        best_config = {k: v for k, v in (best.config or {}).items()}
+        best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        best_run_id = tracking.find_trial_run(uri, experiment_id, best.metrics.get("trial_id", ""))
+    counts = _outcome_counts(results, cfg)
+    figures = _summarize(uri, parent_run_id, cfg, results, best_config, best_metrics, best_run_id, counts, printer)
+    tracking.end_run(uri, parent_run_id, "finished" if counts["finished"] else "failed")
+    return SweepResult(experiment, parent_run_id, uri, best_config, best_metrics, best_run_id, counts,
+                       time.perf_counter() - t0, figures)
+
+
+def _latest_run_dir(sweep_root: str) -> str | None:
+    """Newest run folder of a sweep (local or S3), for --resume."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(sweep_root if "://" in sweep_root else "file://" + sweep_root)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except (OSError, FileNotFoundError):
+        return None
+    runs = sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory)
+    return runs[-1] if runs else None
+
+
+def _log_sweep_inputs(uri: str, run_id: str, cfg: EbmScaleConfig, base: dict, concurrency: int) -> None:
+    client = tracking._client(uri)
+    client.log_text(run_id, yaml.safe_dump(base, sort_keys=False), "config/composed.yaml")
+    client.log_dict(run_id, cfg.search.space, "config/search_space.json")
+    params = {k: v for k, v in flatten(base).items() if k not in cfg.search.space}
+    params["sweep.max_concurrent_trials"] = concurrency
+    try:
+        tracking.log_params(uri, run_id, params)
+    except Exception:  # --resume: params already logged (MLflow forbids changing them)
+        pass
+
+
+def _trial_rows(results, cfg: EbmScaleConfig) -> list[dict]:
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        rows.append({"result": r, "outcome": trial_outcome(m, cfg.train.iterations, r.error is not None),
+                     "value": m.get(cfg.search.metric)})
+    return rows
+
+
+def _outcome_counts(results, cfg) -> dict:
+    counts = {"finished": 0, "pruned": 0, "diverged": 0, "failed": 0}
+    for row in _trial_rows(results, cfg):
+        counts[row["outcome"]] += 1
+    return counts
+
+
+def _best_result(results, cfg: EbmScaleConfig):
+    """Best finished trial (a pruned trial's early value is not comparable with a full run's)."""
+    sign = 1 if cfg.search.mode == "min" else -1
+    rows = [r for r in _trial_rows(results, cfg)
+            if r["value"] is not None and math.isfinite(r["value"]) and r["outcome"] in ("finished", "pruned")]
+    finished = [r for r in rows if r["outcome"] == "finished"] or rows
+    if not finished:
+        return None
+    return min(finished, key=lambda r: sign * r["value"])["result"]
+
+
+def _summarize(uri, parent_run_id, cfg, results, best_config, best_metrics, best_run_id, counts, printer) -> list[str]:
+    """Best trial's params/metrics and the sweep's pictures on the parent run."""
+    from mlflow.entities import Metric
+
+    client = tracking._client(uri)
+    for name, n in counts.items():
+        client.log_metric(parent_run_id, f"trials/{name}", n)
+    if best_config:
+        for k, v in best_config.items():
+            client.set_tag(parent_run_id, f"best.{k}", str(v))
+        client.set_tag(parent_run_id, "best.run_id", best_run_id or "")
+    if best_metrics:
+        client.log_batch(parent_run_id, metrics=[
+            Metric(f"best/{k}", float(v), int(time.time() * 1000), 0)
+            for k, v in best_metrics.items() if math.isfinite(float(v))])
+    figures: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from ebm_scale.engine import summary
+
+        figures = summary.sweep_figures(cfg, results, tmp, printer)
+        for path in figures:
+            client.log_artifact(parent_run_id, path, "summary")
+        if best_run_id:
+            best_png = summary.copy_best_samples(uri, best_run_id, tmp)
+            if best_png:
+                client.log_artifact(parent_run_id, best_png, "summary")
+                figures.append(best_png)
+        client.log_text(parent_run_id, json.dumps({"best_config": best_config, "best_metrics": best_metrics,
+                                                   "counts": counts}, indent=2, default=str), "summary/best.json")
+    return [Path(f).name for f in figures]

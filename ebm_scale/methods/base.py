@@ -1,0 +1,151 @@
+"""The contract between a training method and the engine.
+
+A method is plain PyTorch: it owns its networks, optimizers, one training step, sampling and (where it
+defines one) an unnormalized log-density. The engine (engine/loop.py) drives it, evaluates it,
+checkpoints it and reports for it; nothing here knows about Ray, Tune or MLflow.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ebm_scale.errors import require
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a method needs to know about the data: one example's shape and, for 2D toys, the plotting /
+    quadrature box [low, high]^2."""
+
+    shape: tuple[int, ...]
+    kind: str = "toy2d"
+    bounds: tuple[float, float] | None = None
+
+    @property
+    def dim(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class OptimConfig:
+    """Adam settings shared by every method's optimizers."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+    def validate(self, prefix: str) -> None:
+        require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", f"each must be in [0, 1), got {self.betas}")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+
+    def build(self, params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+
+
+class Method(abc.ABC):
+    """Base class of every registered method.
+
+    Subclasses set `config_class` (a dataclass with a `validate()` method, registered with Hydra by
+    ebm_scale.config) and fill `self.networks` / `self.optimizers` in __init__; checkpointing and
+    gradient synchronisation then come for free.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, cfg: Any, spec: DataSpec, device: torch.device):
+        self.cfg = cfg
+        self.spec = spec
+        self.device = torch.device(device)
+        self.networks: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    # --- what each method implements -------------------------------------------------------------
+    @abc.abstractmethod
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training iteration on a batch of data. Returns detached 0-d tensors (no .item(): the engine
+        decides when to synchronise). Every method reports `loss` and its separate loss terms."""
+
+    @abc.abstractmethod
+    def sample(self, n: int) -> torch.Tensor:
+        """n samples from what the method itself generates (a tensor on self.device)."""
+
+    def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named unnormalized log-densities of x, e.g. {"ebm": -E(x)}; {} where the method defines none."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """State beyond networks/optimizers needed to continue exactly (replay buffers, adapted step sizes)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # --- shared machinery --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "networks": {k: m.state_dict() for k, m in self.networks.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.networks.items():
+            m.load_state_dict(state["networks"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        self.load_extra_state(state.get("extra", {}))
+
+    def train(self, mode: bool = True) -> "Method":
+        for m in self.networks.values():
+            m.train(mode)
+        return self
+
+    def broadcast_parameters(self) -> None:
+        """Make every data-parallel rank start from rank 0's weights (no-op outside torch.distributed)."""
+        if _world_size() > 1:
+            for m in self.networks.values():
+                for t in list(m.parameters()) + list(m.buffers()):
+                    dist.broadcast(t.data, src=0)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float = 0.0) -> torch.Tensor:
+        """zero_grad → backward → average gradients over ranks → clip → step. Returns the pre-clip grad norm.
+
+        Data parallelism is done here, with one bucketed all-reduce of the gradients, rather than by
+        wrapping networks in DistributedDataParallel: EBM samplers call the energy many times per step and
+        differentiate through those calls (create_graph=True), which DDP's forward/backward hooks do not
+        support. The arithmetic is the same as DDP's (mean of per-rank gradients).
+        """
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if _world_size() > 1 and params:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= _world_size()
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.zeros(())
+        optimizer.step()
+        return norm.detach()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

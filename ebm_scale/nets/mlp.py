@@ -1,0 +1,72 @@
+"""Fully connected energy network for low-dimensional (toy 2D) data.
+
+Paper 000 (appendix A.1) uses "a 5-layer fully connected network with 256 hidden units and swish
+activation"; here `layers` counts Linear layers, so the default is 2 → 256 → 256 → 256 → 256 → 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ebm_scale.errors import require
+
+
+class LipSwish(nn.Module):
+    """swish(x) / 1.1: swish's Lipschitz constant is ~1.1, so this is 1-Lipschitz (Chen et al., residual
+    flows). Keeping the energy's gradient Lipschitz keeps small-step gradient flows invertible."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(x) / 1.1
+
+
+# Factories rather than instances: every layer gets its own module (PReLU has a learnable slope).
+# Samplers differentiate the energy twice (ODE density, generator loss), so prefer smooth activations:
+# with relu the Hessian is zero almost everywhere and the gradient-flow density is meaningless.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "lipswish": LipSwish,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "prelu": nn.PReLU,
+}
+
+
+@dataclass
+class MLPConfig:
+    hidden: int = 256
+    layers: int = 5  # Linear layers in total, input and output layers included
+    activation: str = "swish"
+
+    def validate(self, prefix: str) -> None:
+        require(self.hidden >= 1, f"{prefix}.hidden", f"must be >= 1, got {self.hidden}")
+        # A single Linear layer is a linear energy: exp(-E) cannot be normalized and its gradient is constant.
+        require(self.layers >= 2, f"{prefix}.layers", f"must be >= 2 (Linear layers in total), got {self.layers}")
+        require(self.activation in ACTIVATIONS, f"{prefix}.activation", f"unknown activation {self.activation!r}",
+                allowed=sorted(ACTIVATIONS))
+
+
+class EnergyMLP(nn.Module):
+    """E: R^dim → R. Takes (n, *shape) with prod(shape) == dim and returns (n,) energies."""
+
+    def __init__(self, dim: int, cfg: MLPConfig | None = None):
+        super().__init__()
+        cfg = cfg or MLPConfig()
+        cfg.validate("net")
+        widths = [dim] + [cfg.hidden] * (cfg.layers - 1)
+        blocks: list[nn.Module] = []
+        for width_in, width_out in zip(widths[:-1], widths[1:]):
+            blocks += [nn.Linear(width_in, width_out), ACTIVATIONS[cfg.activation]()]
+        blocks.append(nn.Linear(widths[-1], 1))
+        self.net = nn.Sequential(*blocks)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1)).squeeze(-1)

@@ -1,0 +1,100 @@
+"""Config composition and validation: bad input fails before anything launches, naming the key."""
+import pytest
+
+from ebm_scale.cli import main
+from ebm_scale.config import compose, sweeps_dir
+from ebm_scale.engine.sweep import max_concurrent_trials
+from ebm_scale.errors import ConfigError
+
+
+def test_quickstart_composes_with_the_issue_search_space():
+    cfg = compose("quickstart")
+    assert cfg.method.name == "mle" and cfg.data.name == "8gaussians"
+    assert cfg.search.num_samples >= 12
+    assert cfg.search.scheduler.kind == "asha"
+    assert set(cfg.search.space) == {"method.sampler.step_size", "method.sampler.steps",
+                                     "method.sampler.noise_scale", "method.loss.generator_weight"}
+
+
+def test_every_named_sweep_and_group_option_composes():
+    for sweep in sorted(p.stem for p in sweeps_dir().glob("*.yaml")):
+        compose(sweep)
+    for data in sorted(p.stem for p in (sweeps_dir() / "data").glob("*.yaml")):
+        assert compose(None, [f"data={data}"]).data.name == data
+
+
+def test_sweep_file_by_path(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("defaults:\n  - config\n  - override data: grid\n  - _self_\nname: mine\ntrain: {iterations: 7}\n")
+    cfg = compose(str(f), ["seed=3"])
+    assert (cfg.name, cfg.data.name, cfg.train.iterations, cfg.seed) == ("mine", "grid", 7, 3)
+
+
+def test_overrides_reach_typed_fields():
+    cfg = compose("quickstart", ["method.sampler.step_size=0.05", "method.sampler.rtol=1e-4", "train.threads=2"])
+    assert cfg.method.sampler.step_size == 0.05 and cfg.method.sampler.rtol == 1e-4 and cfg.train.threads == 2
+
+
+@pytest.mark.parametrize("overrides, key, hint", [
+    (["method=nope"], "method", "mle"),
+    (["data=nope"], "data", "8gaussians"),
+    (["data.name=nope"], "data.name", "8gaussians"),
+    (["method.sampler.stepsize=0.1"], "method.sampler.stepsize", None),
+    (["method.sampler.steps=many"], "method.sampler.steps", None),
+    (["method.sampler.step_size=0"], "method.sampler.step_size", None),
+    (["method.sampler.step_size=-1"], "method.sampler.step_size", None),
+    (["method.sampler.steps=0"], "method.sampler.steps", None),
+    (["method.sampler.kind=hmc"], "method.sampler.kind", "langevin"),
+    (["train.iterations=0"], "train.iterations", None),
+    (["scaling.num_workers=-1"], "scaling.num_workers", None),
+    (["scaling.use_gpu=true"], "scaling.use_gpu", None),
+    (["search.scheduler.kind=hyperband"], "search.scheduler.kind", "asha"),
+    (["search.space.method.sampler.step_size={loguniform:[0,1]}"], "search.space.method.sampler.step_size", None),
+])
+def test_bad_values_are_rejected_naming_the_key(overrides, key, hint):
+    with pytest.raises(ConfigError) as err:
+        compose("quickstart", overrides)
+    assert err.value.key == key, str(err.value)
+    assert key in str(err.value)
+    if hint:
+        assert hint in str(err.value)
+
+
+def test_search_space_keys_must_exist(tmp_path):
+    f = tmp_path / "typo.yaml"
+    f.write_text("defaults:\n  - quickstart\n  - _self_\nsearch:\n  space:\n"
+                 "    method.sampler.stepsize: {loguniform: [0.001, 1.0]}\n")
+    with pytest.raises(ConfigError) as err:
+        compose(str(f))
+    assert err.value.key == "search.space.method.sampler.stepsize"
+
+
+def test_unknown_sweep_lists_the_named_sweeps():
+    with pytest.raises(ConfigError, match="quickstart"):
+        compose("no_such_sweep")
+
+
+def test_more_workers_than_the_cluster_offers_is_rejected():
+    cfg = compose("quickstart", ["scaling.num_workers=8", "scaling.cpus_per_worker=1"])
+    with pytest.raises(ConfigError) as err:
+        max_concurrent_trials(cfg, {"CPU": 4.0})
+    assert err.value.key == "scaling.num_workers"
+    gpu = compose("quickstart", ["scaling=gpu"])
+    with pytest.raises(ConfigError) as err:
+        max_concurrent_trials(gpu, {"CPU": 64.0})
+    assert err.value.key == "scaling.use_gpu"
+
+
+def test_concurrency_follows_resources():
+    cfg = compose("quickstart")  # in-process trials, 1 CPU each
+    assert max_concurrent_trials(cfg, {"CPU": 2.0}) == 2
+    assert max_concurrent_trials(cfg, {"CPU": 64.0}) == cfg.search.num_samples
+    two = compose("quickstart", ["scaling=cpu2"])
+    assert max_concurrent_trials(two, {"CPU": 2.0}) == 1
+
+
+def test_cli_validate(capsys):
+    assert main(["validate", "quickstart"]) == 0
+    assert "OK: quickstart is valid" in capsys.readouterr().out
+    assert main(["validate", "quickstart", "method.sampler.step_size=-1"]) == 2
+    assert "method.sampler.step_size" in capsys.readouterr().err

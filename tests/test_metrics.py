@@ -1,0 +1,218 @@
+"""Quadrature log-likelihood, Sinkhorn distance, and evaluate_toy end to end on CPU."""
+import math
+
+import pytest
+import torch
+
+from ebm_scale.data import DataConfig, load_dataset
+from ebm_scale.data.toy import TOY_DATASETS
+from ebm_scale.errors import ConfigError
+from ebm_scale.metrics import (
+    SINKHORN_COSTS,
+    EvalConfig,
+    evaluate_toy,
+    log_density_grid,
+    quadrature_log_likelihood,
+    sinkhorn_distance,
+)
+
+MIXTURES = ["8gaussians", "25gaussians", "grid"]
+
+
+def _data(name="8gaussians", n_test=2000):
+    return load_dataset(DataConfig(name=name, n_train=10, n_test=n_test), seed=0)
+
+
+# --- quadrature ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MIXTURES)
+def test_exact_mixture_density_integrates_to_one(name):
+    data = _data(name)
+    report = quadrature_log_likelihood(data.log_prob, data.test, data.spec.bounds, grid_size=200)
+    assert abs(report["log_z"]) < 1e-2
+    assert report["log_likelihood"] == pytest.approx(float(data.log_prob(data.test).mean()), abs=1e-2)
+    assert report["boundary_mass"] < 1e-4
+
+
+def test_unnormalized_density_recovers_its_log_normalizer():
+    data = _data()
+    report = quadrature_log_likelihood(lambda x: data.log_prob(x) + 3.0, data.test, data.spec.bounds, grid_size=120)
+    assert report["log_z"] == pytest.approx(3.0, abs=1e-2)
+    assert report["log_likelihood"] == pytest.approx(float(data.log_prob(data.test).mean()), abs=1e-2)
+
+
+def test_too_small_box_shows_up_as_boundary_mass():
+    data = _data()
+    report = quadrature_log_likelihood(data.log_prob, data.test, (-2.0, 2.0), grid_size=80)
+    assert report["boundary_mass"] > 0.05
+
+
+def test_grid_layout_rows_are_y_and_columns_are_x():
+    xs, ys, values = log_density_grid(lambda x: x[:, 0] + 10 * x[:, 1], (-1.0, 1.0), 4, no_grad=True)
+    assert values.shape == (4, 4)
+    assert float(values[0, 3]) == pytest.approx(float(xs[3] + 10 * ys[0]), abs=1e-5)
+
+
+def test_log_density_may_use_autograd_inside():
+    def via_score(x):  # log p̃ = −|x|²/2, computed from its gradient as a flow or an energy might
+        x = x.detach().requires_grad_(True)
+        energy = 0.5 * (x**2).sum()
+        (grad,) = torch.autograd.grad(energy, x)
+        return -0.5 * (grad * x).sum(dim=1)
+
+    with torch.no_grad():  # even when the caller evaluates without grad
+        report = quadrature_log_likelihood(via_score, torch.zeros(5, 2), (-6.0, 6.0), grid_size=100)
+    assert report["log_z"] == pytest.approx(math.log(2 * math.pi), abs=1e-3)
+
+
+def test_log_density_of_the_wrong_shape_is_rejected():
+    with pytest.raises(ValueError, match="shape"):
+        log_density_grid(lambda x: x[:, :1], (-1.0, 1.0), 8)
+
+
+# --- Sinkhorn --------------------------------------------------------------------------------------------
+def _points(n=300, seed=0, name="8gaussians"):
+    return TOY_DATASETS[name].sample(n, torch.Generator().manual_seed(seed))
+
+
+def test_sinkhorn_of_a_sample_with_itself_is_only_the_entropic_blur():
+    x = _points()
+    assert 0 <= sinkhorn_distance(x, x) < 0.1
+
+
+def test_sinkhorn_grows_with_a_shift_and_is_deterministic():
+    x, y = _points(seed=0), _points(seed=1)
+    near = sinkhorn_distance(x, y)
+    shifted = sinkhorn_distance(x, y + torch.tensor([1.0, 0.0]))
+    assert near < shifted
+    assert shifted == pytest.approx(1.0 + near, abs=0.3)  # translation adds |shift|² to the transport cost
+    assert sinkhorn_distance(x, y) == near
+
+
+def test_sinkhorn_euclidean_cost():
+    x = _points()
+    assert sinkhorn_distance(x, x + torch.tensor([0.0, 2.0]), cost="euclidean") == pytest.approx(2.0, abs=0.05)
+
+
+def _log_domain_sinkhorn(x, y, reg, iters):
+    """Textbook log-domain Sinkhorn (uniform weights), independent of the solver under test."""
+    cost = torch.cdist(x, y) ** 2
+    log_a, log_b = torch.full((len(x),), -math.log(len(x))), torch.full((len(y),), -math.log(len(y)))
+    f, g = torch.zeros(len(x)), torch.zeros(len(y))
+    for _ in range(iters):
+        f = reg * (log_a - torch.logsumexp((g[None, :] - cost) / reg, dim=1))
+        g = reg * (log_b - torch.logsumexp((f[:, None] - cost) / reg, dim=0))
+    return float((torch.exp((f[:, None] + g[None, :] - cost) / reg) * cost).sum())
+
+
+def test_sinkhorn_matches_a_textbook_log_domain_solver_at_convergence():
+    x, y = _points(60, seed=2).double(), _points(60, seed=3).double()
+    reference = _log_domain_sinkhorn(x, y, reg=0.2, iters=3000)
+    assert sinkhorn_distance(x, y, reg=0.2, num_iter=20_000, tol=1e-12) == pytest.approx(reference, rel=1e-6)
+
+
+def test_sinkhorn_stays_finite_for_far_apart_clouds_and_sees_mode_collapse():
+    x = _points(200)
+    # Exact OT of a translation is the translation itself: |(20, 20)|² = 800. At this distance exp(−C/reg)
+    # underflows for every pair, so a solver without ε-scaling would return NaN.
+    assert sinkhorn_distance(x, x + 20.0) == pytest.approx(800.0, rel=1e-3)
+    collapsed = x[:1].repeat(200, 1)  # every sample on one point of one mode
+    assert sinkhorn_distance(collapsed, x) > 20 * sinkhorn_distance(_points(200, seed=5), x)
+
+
+# POT cross-checks: `import ot` alone takes ~9 s (sklearn, networkx), so they run with `-m slow`.
+@pytest.mark.slow
+@pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean"])
+def test_cost_matrices_are_pots(cost):
+    import ot
+
+    x, y = _points(40, seed=0).double(), _points(30, seed=1).double()
+    assert torch.allclose(SINKHORN_COSTS[cost](x, y), ot.dist(x, y, metric=cost), atol=1e-10)
+
+
+@pytest.mark.slow
+def test_sinkhorn_matches_pot_log_domain_solver_and_exact_ot():
+    import ot
+
+    x, y = _points(150, seed=2).double(), _points(150, seed=3).double()
+    a = torch.full((150,), 1 / 150, dtype=torch.float64)
+    reference = float(ot.sinkhorn2(a, a, ot.dist(x, y), 0.1, method="sinkhorn_log", numItermax=20_000, stopThr=1e-12))
+    assert sinkhorn_distance(x, y, reg=0.1, num_iter=20_000, tol=1e-10) == pytest.approx(reference, rel=1e-6)
+    far = y + torch.tensor([15.0, -3.0])
+    assert sinkhorn_distance(x, far) == pytest.approx(float(ot.emd2(a, a, ot.dist(x, far))), rel=1e-3)
+
+
+def test_sinkhorn_of_non_finite_points_is_infinite():
+    x = _points(50)
+    y = x.clone()
+    y[3, 1] = float("nan")
+    assert sinkhorn_distance(x, y) == math.inf
+
+
+def test_sinkhorn_rejects_unknown_cost():
+    with pytest.raises(ValueError, match="cost"):
+        sinkhorn_distance(_points(10), _points(10), cost="cosine")
+
+
+# --- evaluate_toy ----------------------------------------------------------------------------------------
+class ExactMethod:
+    """Test double of a Method: samples the true distribution; its 'ebm' density is the truth + 1.5."""
+
+    name = "exact"
+
+    def __init__(self, data, shift=0.0, nan_fraction=0.0, densities=True):
+        self.data, self.shift, self.nan_fraction, self.densities = data, shift, nan_fraction, densities
+        self.generator = torch.Generator().manual_seed(123)
+        self.device = torch.device("cpu")
+
+    def sample(self, n):
+        x = TOY_DATASETS[self.data.name].sample(n, self.generator) + self.shift
+        x[: int(self.nan_fraction * n)] = float("nan")
+        return x
+
+    def log_density(self, x):
+        return {"ebm": self.data.log_prob(x) + 1.5} if self.densities else {}
+
+
+SMALL = EvalConfig(n_samples=200, grid_size=80)
+
+
+def test_evaluate_toy_reports_sensible_metrics_and_writes_plots(tmp_path):
+    data = _data()
+    metrics, paths = evaluate_toy(ExactMethod(data), data, SMALL, tmp_path, step=7)
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["eval/nonfinite_samples"] == 0.0
+    assert metrics["eval/test_ll/ebm"] == pytest.approx(metrics["eval/test_ll/true"], abs=1e-2)
+    assert metrics["eval/log_z/ebm"] == pytest.approx(1.5, abs=1e-2)
+    assert metrics["eval/boundary_mass/ebm"] < 1e-3
+    assert 0 < metrics["eval/sinkhorn_data_floor"] < 1 and 0 < metrics["eval/sinkhorn"] < 1
+    assert [p.name for p in paths] == ["samples_000007.png", "density_000007.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+    shifted, _ = evaluate_toy(ExactMethod(data, shift=1.0), data, SMALL, None, step=7)
+    assert shifted["eval/sinkhorn"] > metrics["eval/sinkhorn"] + 0.5
+
+
+def test_evaluate_toy_survives_non_finite_samples(tmp_path):
+    data = _data()
+    metrics, paths = evaluate_toy(ExactMethod(data, nan_fraction=0.25), data, SMALL, tmp_path, step=1)
+    assert metrics["eval/sinkhorn"] == math.inf
+    assert metrics["eval/nonfinite_samples"] == pytest.approx(0.25)
+    assert math.isfinite(metrics["eval/sinkhorn_data_floor"])
+    assert len(paths) == 2
+
+
+def test_evaluate_toy_without_densities_or_truth_or_plots(tmp_path):
+    data = _data("moons", n_test=500)
+    method = ExactMethod(data, densities=False)
+    metrics, paths = evaluate_toy(method, data, EvalConfig(n_samples=100, grid_size=40, plots=False), tmp_path, step=0)
+    assert not any(k.startswith(("eval/test_ll", "eval/log_z", "eval/boundary_mass")) for k in metrics)
+    assert paths == [] and not any(tmp_path.iterdir())
+    _, paths = evaluate_toy(method, data, EvalConfig(n_samples=100, grid_size=40), tmp_path, step=0)
+    assert [p.name for p in paths] == ["samples_000000.png"]  # no density to draw
+
+
+@pytest.mark.parametrize(("field", "value"), [("n_samples", 0), ("sinkhorn_reg", 0.0), ("sinkhorn_cost", "cosine"),
+                                              ("sinkhorn_iters", 0), ("grid_size", 2)])
+def test_eval_config_validation_names_the_key(field, value):
+    with pytest.raises(ConfigError, match=f"eval.{field}"):
+        EvalConfig(**{field: value}).validate()

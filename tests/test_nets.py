@@ -1,0 +1,63 @@
+import pytest
+import torch
+from torch import nn
+
+from ebm_scale.errors import ConfigError
+from ebm_scale.nets import ACTIVATIONS, EnergyMLP, MLPConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run single-threaded: these tensors are small, and on a shared 2-core box OpenMP threads that spin
+    waiting for a busy core make elementwise ops 100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+
+def test_energy_mlp_shape_and_layer_count():
+    net = EnergyMLP(2, MLPConfig(hidden=32, layers=4))
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2, 32), (32, 32), (32, 32), (32, 1)]
+    assert net(torch.randn(7, 2)).shape == (7,)
+
+
+def test_energy_mlp_flattens_input():
+    net = EnergyMLP(12, MLPConfig(hidden=8, layers=2))
+    x = torch.randn(5, 3, 2, 2)
+    assert torch.equal(net(x), net(x.flatten(1)))
+
+
+def test_paper_default_is_five_linear_layers_of_256_swish():
+    net = EnergyMLP(2)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 5 and linears[0].out_features == 256
+    assert any(isinstance(m, nn.SiLU) for m in net.modules())
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_every_activation_builds_and_its_input_gradient_is_differentiable(name):
+    net = EnergyMLP(2, MLPConfig(hidden=8, layers=3, activation=name))
+    x = torch.randn(4, 2, requires_grad=True)
+    (grad,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    assert grad.shape == x.shape and torch.isfinite(grad).all()
+
+
+def test_lipswish_is_swish_over_1_1():
+    x = torch.linspace(-5, 5, 11)
+    assert torch.allclose(ACTIVATIONS["lipswish"]()(x), nn.functional.silu(x) / 1.1)
+
+
+@pytest.mark.parametrize("field, value", [("activation", "sigmoidish"), ("hidden", 0), ("layers", 1)])
+def test_validation_names_the_key(field, value):
+    cfg = MLPConfig(**{field: value})
+    with pytest.raises(ConfigError, match=f"method.net.{field}"):
+        cfg.validate("method.net")
+
+
+def test_unknown_activation_lists_allowed_names():
+    with pytest.raises(ConfigError) as info:
+        MLPConfig(activation="nope").validate("method.net")
+    assert "swish" in str(info.value) and "lipswish" in str(info.value)

@@ -1,0 +1,115 @@
+"""End to end on a real local Ray and a real MLflow store (SQLite): sweeps, TorchTrainer trials, resume
+after a crash, divergence. Everything below runs the same code path as `ebm-scale sweep`."""
+from __future__ import annotations
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from ebm_scale.cli import main
+from ebm_scale.config import compose
+from ebm_scale.engine.sweep import run_sweep
+from ebm_scale.engine.tracking import KIND_TAG, OUTCOME_TAG, TRIAL_TAG
+
+TINY = [  # small enough that a trial trains in a second or two
+    "method.net.hidden=32", "method.net.layers=3", "method.sampler.steps=5", "method.sampler.kind=euler",
+    "train.batch_size=64", "train.log_every=5", "eval.n_samples=200", "eval.grid_size=40",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _sweep(tmp_path, name, overrides, config="quickstart"):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose(config, TINY + [f"name={name}", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs"] + overrides)
+    lines: list[str] = []
+    result = run_sweep(cfg, printer=lines.append)
+    return result, MlflowClient(uri), lines
+
+
+def _children(client, result):
+    exp = client.get_experiment_by_name(result.experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'trial'")
+
+
+def test_two_trial_sweep_is_recorded_in_mlflow(tmp_path):
+    result, client, lines = _sweep(tmp_path, "e2e", [
+        "search.num_samples=2", "search.scheduler.kind=fifo", "train.iterations=20", "train.eval_every=10"])
+    assert result.counts["finished"] == 2
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags[KIND_TAG] == "sweep" and parent.info.status == "FINISHED"
+    assert "ray_version" in parent.data.tags and "torch_version" in parent.data.tags
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id, "config")} | \
+                   {f.path for f in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"config/composed.yaml", "summary/learning_curves.png", "summary/best.json"} <= parent_files
+    assert any(k.startswith("best/eval/sinkhorn") for k in parent.data.metrics)
+
+    children = _children(client, result)
+    assert len(children) == 2
+    sampled = set()
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert run.info.status == "FINISHED" and run.data.tags[OUTCOME_TAG] == "finished"
+        assert "ebm_scale.checkpoint" in run.data.tags
+        params = run.data.params
+        assert params["method.name"] == "mle" and params["data.name"] == "8gaussians"
+        sampled.add(params["method.sampler.step_size"])
+        loss = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in loss] == [5, 10, 15, 20]
+        sinkhorn = client.get_metric_history(run.info.run_id, "eval/sinkhorn")
+        assert [m.step for m in sinkhorn] == [10, 20]
+        plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/samples_000020.png", "plots/density_000020.png"} <= plots
+    assert len(sampled) == 2, "the two trials should have sampled different step sizes"
+    assert any("finished" in line for line in lines)
+
+
+def test_torch_trainer_trial_reports_to_tune_and_mlflow(tmp_path):
+    result, client, _ = _sweep(tmp_path, "ddp", [
+        "scaling=cpu2", "search.num_samples=1", "search.space={}", "search.scheduler.kind=fifo",
+        "train.iterations=10", "train.eval_every=5"])
+    assert result.counts["finished"] == 1
+    assert result.best_metrics["step"] == 10 and result.best_metrics["eval/sinkhorn"] > 0  # reached Tune
+    (run,) = _children(client, result)
+    assert run.data.params["scaling.num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/sinkhorn")] == [5, 10]
+    assert "train_runs" in run.data.tags["ebm_scale.checkpoint"]
+
+
+def test_crashed_trial_resumes_from_its_checkpoint_without_a_second_run(tmp_path):
+    result, client, _ = _sweep(tmp_path, "crash", [
+        "search.num_samples=1", "search.space={}", "search.scheduler.kind=fifo", "scaling.max_failures=1",
+        "train.iterations=30", "train.eval_every=10", "debug.crash_once_at_step=25"])
+    assert result.counts["finished"] == 1 and result.best_metrics["step"] == 30
+    (run,) = _children(client, result)  # one MLflow run, not two
+    resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
+    assert [m.value for m in resumed] == [20.0]
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == 30
+
+
+def test_injected_nan_ends_one_trial_as_diverged_and_the_sweep_goes_on(tmp_path):
+    result, client, lines = _sweep(tmp_path, "nan", [
+        "search.algo=random", "search.num_samples=1", "search.scheduler.kind=fifo",
+        "search.space={debug.nan_at_step: {grid: [7, 1000]}}", "train.iterations=20", "train.eval_every=5"])
+    assert result.counts == {"finished": 1, "pruned": 0, "diverged": 1, "failed": 0}
+    by_outcome = {r.data.tags[OUTCOME_TAG]: r for r in _children(client, result)}
+    bad = by_outcome["diverged"]
+    assert bad.info.status == "FAILED"
+    assert client.get_metric_history(bad.info.run_id, "diverged_at_step")[0].value == 10.0
+    assert bad.data.tags["ebm_scale.checkpoint"]  # the last good checkpoint (step 5) is kept
+    assert by_outcome["finished"].info.status == "FINISHED"
+    assert result.best_config["debug.nan_at_step"] == 1000
+    assert any(line.strip().startswith("diverged") for line in lines)
+
+
+def test_cli_rejects_more_workers_than_the_cluster_has(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "quickstart", "scaling.num_workers=64"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "scaling.num_workers" in err and "Ray cluster has" in err
