@@ -24,7 +24,13 @@ def local_ray():
     ray.shutdown()
 
 
-def _sweep(tmp_path, name, overrides, config="quickstart"):
+def _sweep(tmp_path, name, overrides, space: str | None = None):
+    """Run a sweep extending quickstart; `space` (YAML flow mapping) replaces its search space."""
+    config = "quickstart"
+    if space is not None:
+        config = str(tmp_path / f"{name}.yaml")
+        with open(config, "w") as f:
+            f.write(f"defaults:\n  - quickstart\n  - _self_\nsearch:\n  space: {space}\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = compose(config, TINY + [f"name={name}", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs"] + overrides)
     lines: list[str] = []
@@ -71,8 +77,8 @@ def test_two_trial_sweep_is_recorded_in_mlflow(tmp_path):
 
 def test_torch_trainer_trial_reports_to_tune_and_mlflow(tmp_path):
     result, client, _ = _sweep(tmp_path, "ddp", [
-        "scaling=cpu2", "search.num_samples=1", "search.space={}", "search.scheduler.kind=fifo",
-        "train.iterations=10", "train.eval_every=5"])
+        "scaling=cpu2", "search.num_samples=1", "search.scheduler.kind=fifo",
+        "train.iterations=10", "train.eval_every=5"], space="{}")
     assert result.counts["finished"] == 1
     assert result.best_metrics["step"] == 10 and result.best_metrics["eval/sinkhorn"] > 0  # reached Tune
     (run,) = _children(client, result)
@@ -83,8 +89,8 @@ def test_torch_trainer_trial_reports_to_tune_and_mlflow(tmp_path):
 
 def test_crashed_trial_resumes_from_its_checkpoint_without_a_second_run(tmp_path):
     result, client, _ = _sweep(tmp_path, "crash", [
-        "search.num_samples=1", "search.space={}", "search.scheduler.kind=fifo", "scaling.max_failures=1",
-        "train.iterations=30", "train.eval_every=10", "debug.crash_once_at_step=25"])
+        "search.num_samples=1", "search.scheduler.kind=fifo", "scaling.max_failures=1",
+        "train.iterations=30", "train.eval_every=10", "debug.crash_once_at_step=25"], space="{}")
     assert result.counts["finished"] == 1 and result.best_metrics["step"] == 30
     (run,) = _children(client, result)  # one MLflow run, not two
     resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
@@ -95,7 +101,7 @@ def test_crashed_trial_resumes_from_its_checkpoint_without_a_second_run(tmp_path
 def test_injected_nan_ends_one_trial_as_diverged_and_the_sweep_goes_on(tmp_path):
     result, client, lines = _sweep(tmp_path, "nan", [
         "search.algo=random", "search.num_samples=1", "search.scheduler.kind=fifo",
-        "search.space={debug.nan_at_step: {grid: [7, 1000]}}", "train.iterations=20", "train.eval_every=5"])
+        "train.iterations=20", "train.eval_every=5"], space="{debug.nan_at_step: {grid: [7, 1000]}}")
     assert result.counts == {"finished": 1, "pruned": 0, "diverged": 1, "failed": 0}
     by_outcome = {r.data.tags[OUTCOME_TAG]: r for r in _children(client, result)}
     bad = by_outcome["diverged"]

@@ -8,6 +8,7 @@ and the printed summary all say.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import tempfile
@@ -92,6 +93,7 @@ def _prune_aware_optuna(cfg: EbmScaleConfig):
             self._ot_study.tell(ot_trial, state=state)
             self._completed_trials.add(trial_id)
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=cfg.search.multivariate,
                                          n_startup_trials=cfg.search.n_startup_trials)
     return PruneAwareOptunaSearch(metric=cfg.search.metric, mode=cfg.search.mode, sampler=sampler)
@@ -147,6 +149,7 @@ class TrialOutcomes(Callback):
 
     def __init__(self, ctx: TrialContext, metric: str, iterations: int, printer: Printer = print):
         self.ctx, self.metric, self.iterations = ctx, metric, iterations
+        self.t0 = time.time()
         self.started: set[str] = set()
         self.printer = printer
 
@@ -161,7 +164,10 @@ class TrialOutcomes(Callback):
         if trial.trial_id not in self.started:
             self.started.add(trial.trial_id)
             shown = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in trial.config.items())
-            self.printer(f"  start    {trial.trial_id}  {shown}")
+            self.printer(f"{self._clock()} start    {trial.trial_id}  {shown}")
+
+    def _clock(self) -> str:
+        return f"[{time.time() - self.t0:4.0f}s]"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, trial_outcome(trial.last_result, self.iterations, error=False))
@@ -183,7 +189,7 @@ class TrialOutcomes(Callback):
         run_id = tracking.find_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id, trial.trial_id)
         if run_id:
             tracking.end_run(self.ctx.tracking_uri, run_id, outcome, tags)
-        self.printer(f"  {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "
+        self.printer(f"{self._clock()} {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "
                      f"{self.metric}={_fmt(result.get(self.metric))}")
 
 
@@ -223,12 +229,15 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
     run_name = previous or time.strftime("%Y%m%d-%H%M%S")
     sweep_path = f"{sweep_root}/{run_name}"
 
-    init_ray()
-    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    # Ray's start and MLflow's first open of a fresh SQLite store (schema migrations) take ~10 s each on a
+    # small machine: do them side by side.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        mlflow_ready = pool.submit(tracking.start_sweep_run, uri, experiment, sweep_path, f"sweep-{cfg.name}",
+                                   tracking.provenance_tags())
+        init_ray()
+        concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+        experiment_id, parent_run_id = mlflow_ready.result()
     base = to_container(cfg)
-
-    experiment_id, parent_run_id = tracking.start_sweep_run(uri, experiment, sweep_path, f"sweep-{cfg.name}",
-                                                           tracking.provenance_tags())
     _log_sweep_inputs(uri, parent_run_id, cfg, base, concurrency)
     ctx = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
                        storage_path=storage, async_logging=cfg.tracking.async_logging)
