@@ -155,23 +155,26 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
 
 
 def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train) -> dict:
-    per_rank = gather_to_rank0({"rng": rng_state(), "batch_rng": batch_rng.get_state(), "extra": method.extra_state()})
     with tempfile.TemporaryDirectory(prefix="ebm_scale_ckpt_") as tmp:
         metrics: dict[str, float] = {"step": step, "diverged": 0}
-        checkpoint_dir = None
+        artifacts: list = []
         if session.rank == 0:
             method.train(False)
             eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step)
             method.train(True)
             metrics.update(eval_metrics)
+            metrics.update(last_train)
+        # RNG states are taken after evaluation (which draws samples), so a resumed run continues from
+        # exactly where the uninterrupted one would be. Every rank's own state is kept.
+        per_rank = gather_to_rank0({"rng": rng_state(), "batch_rng": batch_rng.get_state(), "extra": method.extra_state()})
+        checkpoint_dir = None
+        if session.rank == 0:
             if session.tracker is not None:
-                session.tracker.log_metrics(eval_metrics, step)
+                session.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step)
                 session.tracker.log_artifacts(artifacts, "plots")
             state = {"method": method.state_dict(), "step": step, "per_rank": per_rank, "config": to_container(cfg)}
             checkpoint_dir = tmp + "/checkpoint"
             save_state(checkpoint_dir, state)
-            metrics.update(last_train)
-        # Eval uses rank 0's RNG only; resume restores each rank's own state, so this stays exact.
         session.report(metrics, checkpoint_dir)
     return {k: v for k, v in metrics.items() if k.startswith("eval/")}
 

@@ -1,0 +1,84 @@
+"""Engine pieces without a Ray cluster: exact resume through the loop's checkpoints, outcome rules, and
+Optuna being told the truth about early-stopped trials (real OptunaSearch, real Optuna study)."""
+import math
+
+import torch
+from optuna.trial import TrialState
+
+from ebm_scale.config import compose
+from ebm_scale.engine.loop import train
+from ebm_scale.engine.state import load_state
+from ebm_scale.engine.sweep import _prune_aware_optuna, trial_outcome, tune_search_space
+
+TINY = ["method.net.hidden=16", "method.net.layers=3", "method.sampler.steps=3", "train.batch_size=32",
+        "train.log_every=5", "eval.n_samples=50", "eval.grid_size=16", "eval.plots=false",
+        "search.scheduler.kind=fifo", "method.sampler.init=buffer", "method.sampler.noise_scale=0.1"]
+
+
+class MemorySession:
+    """Keeps the checkpoints the loop reports (the loop deletes its temp folder after reporting)."""
+
+    rank, world_size, local_rank, tracker = 0, 1, 0, None
+
+    def __init__(self, restore_from=None):
+        self.checkpoints, self.metrics, self._restore = {}, [], restore_from
+
+    def report(self, metrics, checkpoint_dir):
+        self.metrics.append(dict(metrics))
+        if checkpoint_dir:
+            self.checkpoints[metrics["step"]] = load_state(checkpoint_dir)
+
+    def restore(self):
+        return self._restore
+
+
+def test_resumed_run_continues_exactly():
+    cfg = compose(None, TINY + ["train.iterations=20", "train.eval_every=10"])
+    straight = MemorySession()
+    train(cfg, straight)
+    resumed = MemorySession(restore_from=straight.checkpoints[10])
+    summary = train(cfg, resumed)
+    assert summary.step == 20 and [m["step"] for m in resumed.metrics] == [20]
+    a = straight.checkpoints[20]["method"]
+    b = resumed.checkpoints[20]["method"]
+    for name, tensor in a["networks"]["energy"].items():
+        assert torch.equal(tensor, b["networks"]["energy"][name]), name
+    buffer_a, buffer_b = a["extra"]["chain_init"], b["extra"]["chain_init"]
+    assert buffer_a["position"] == buffer_b["position"] and torch.equal(buffer_a["samples"], buffer_b["samples"])
+    assert straight.metrics[-1]["eval/sinkhorn"] == resumed.metrics[-1]["eval/sinkhorn"]
+
+
+def test_nan_in_the_weights_ends_the_run_as_diverged():
+    cfg = compose(None, TINY + ["train.iterations=20", "train.eval_every=10", "debug.nan_at_step=12"])
+    session = MemorySession()
+    summary = train(cfg, session)
+    assert summary.diverged and summary.step == 15  # detected at the next log point, not later
+    assert session.metrics[-1]["diverged"] == 1 and math.isinf(session.metrics[-1]["eval/sinkhorn"])
+    assert set(session.checkpoints) == {10}  # the last good checkpoint is the one kept
+
+
+def test_trial_outcome_rules():
+    assert trial_outcome({"step": 300}, 300, error=False) == "finished"
+    assert trial_outcome({"step": 50}, 300, error=False) == "pruned"
+    assert trial_outcome({"step": 20, "diverged": 1}, 300, error=False) == "diverged"
+    assert trial_outcome({"step": 300}, 300, error=True) == "failed"
+    assert trial_outcome(None, 300, error=False) == "pruned"
+
+
+def test_optuna_records_early_stopped_trials_as_pruned():
+    cfg = compose("quickstart")
+    searcher = _prune_aware_optuna(cfg)
+    assert searcher.set_search_properties(cfg.search.metric, cfg.search.mode, tune_search_space(cfg.search.space))
+    metric, full = cfg.search.metric, cfg.train.iterations
+    for trial_id in ("stopped", "full", "diverged"):
+        assert searcher.suggest(trial_id) is not None
+    searcher.on_trial_result("stopped", {metric: 2.5, "training_iteration": 1, "step": 50})
+    searcher.on_trial_complete("stopped", {metric: 2.5, "training_iteration": 1, "step": 50})
+    for i, step in enumerate(range(50, full + 1, 50), start=1):
+        searcher.on_trial_result("full", {metric: 1.0 / i, "training_iteration": i, "step": step})
+    searcher.on_trial_complete("full", {metric: 1.0 / i, "training_iteration": i, "step": full})
+    searcher.on_trial_complete("diverged", {metric: math.inf, "step": 20, "diverged": 1})
+    states = {t.number: t.state for t in searcher._ot_study.trials}
+    assert states == {0: TrialState.PRUNED, 1: TrialState.COMPLETE, 2: TrialState.FAIL}
+    pruned = searcher._ot_study.trials[0]
+    assert pruned.intermediate_values == {1: 2.5} and pruned.user_attrs["outcome"] == "pruned"
