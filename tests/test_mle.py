@@ -15,14 +15,6 @@ METRIC_KEYS = {"loss", "loss/ml", "loss/generator", "loss/energy_reg", "energy/p
                "chain/grad_norm", "chain/grad_norm_last", "grad_norm"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded, as a sweep trial on a small box runs; also keeps timings honest on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def small_config(kind="euler", steps=10, generator_weight=0.0, init="noise", **sampler):
     return MleConfig(net=MLPConfig(hidden=32, layers=3),

@@ -6,15 +6,6 @@ from ebm_scale.errors import ConfigError
 from ebm_scale.nets import ACTIVATIONS, EnergyMLP, MLPConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run single-threaded: these tensors are small, and on a shared 2-core box OpenMP threads that spin
-    waiting for a busy core make elementwise ops 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 
 def test_energy_mlp_shape_and_layer_count():

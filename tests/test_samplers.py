@@ -9,15 +9,6 @@ from ebm_scale.samplers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run single-threaded: these tensors are small, and on a shared 2-core box OpenMP threads that spin
-    waiting for a busy core make elementwise ops 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # An anisotropic, correlated Gaussian target: E(x) = ½ (x − μ)ᵀ P (x − μ), P = Σ⁻¹.
 MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
