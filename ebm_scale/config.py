@@ -7,7 +7,6 @@ The method section's schema comes from the method registry, so a new method brin
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -355,6 +354,3 @@ def _group_options(base: Path, message: str):
     folder = base / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None
 
-
-def num_tune_reports(cfg: EbmScaleConfig) -> int:
-    return math.ceil(cfg.train.iterations / cfg.train.eval_every)
