@@ -119,3 +119,6 @@ def test_cli_rejects_more_workers_than_the_cluster_has(capsys, tmp_path, monkeyp
     assert code == 2
     err = capsys.readouterr().err
     assert "scaling.num_workers" in err and "Ray cluster has" in err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # rejected before the sweep's run was created
+    exp = client.get_experiment_by_name("quickstart")
+    assert exp is None or not client.search_runs([exp.experiment_id])

@@ -167,16 +167,17 @@ def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_t
         # RNG states are taken after evaluation (which draws samples), so a resumed run continues from
         # exactly where the uninterrupted one would be. Every rank's own state is kept.
         per_rank = gather_to_rank0({"rng": rng_state(), "batch_rng": batch_rng.get_state(), "extra": method.extra_state()})
+        eval_only = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         checkpoint_dir = None
         if session.rank == 0:
             if session.tracker is not None:
-                session.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval/")}, step)
+                session.tracker.log_metrics(eval_only, step)
                 session.tracker.log_artifacts(artifacts, "plots")
             state = {"method": method.state_dict(), "step": step, "per_rank": per_rank, "config": to_container(cfg)}
             checkpoint_dir = tmp + "/checkpoint"
             save_state(checkpoint_dir, state)
         session.report(metrics, checkpoint_dir)
-    return {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    return eval_only
 
 
 def _weights_finite(method) -> bool:

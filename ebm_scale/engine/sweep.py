@@ -8,11 +8,11 @@ and the printed summary all say.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -230,13 +230,15 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
     sweep_path = f"{sweep_root}/{run_name}"
 
     # Ray's start and MLflow's first open of a fresh SQLite store (schema migrations) take ~10 s each on a
-    # small machine: do them side by side.
+    # small machine: do them side by side. Only the experiment is created before the resource check; the
+    # sweep's run is created after it, so a sweep rejected there leaves no run behind.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        mlflow_ready = pool.submit(tracking.start_sweep_run, uri, experiment, sweep_path, f"sweep-{cfg.name}",
-                                   tracking.provenance_tags())
+        store_ready = pool.submit(tracking.ensure_experiment, uri, experiment)
         init_ray()
         concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-        experiment_id, parent_run_id = mlflow_ready.result()
+        store_ready.result()
+    experiment_id, parent_run_id = tracking.start_sweep_run(uri, experiment, sweep_path, f"sweep-{cfg.name}",
+                                                           tracking.provenance_tags())
     base = to_container(cfg)
     _log_sweep_inputs(uri, parent_run_id, cfg, base, concurrency)
     ctx = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
