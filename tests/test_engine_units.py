@@ -6,7 +6,9 @@ import torch
 from optuna.trial import TrialState
 
 from ebm_scale.config import compose
-from ebm_scale.engine.loop import train
+import pytest
+
+from ebm_scale.engine.loop import MetricAccumulator, train
 from ebm_scale.engine.state import load_state
 from ebm_scale.engine.sweep import _prune_aware_optuna, trial_outcome, tune_search_space
 
@@ -55,6 +57,17 @@ def test_nan_in_the_weights_ends_the_run_as_diverged():
     assert summary.diverged and summary.step == 15  # detected at the next log point, not later
     assert session.metrics[-1]["diverged"] == 1 and math.isinf(session.metrics[-1]["eval/sinkhorn"])
     assert set(session.checkpoints) == {10}  # the last good checkpoint is the one kept
+
+
+def test_metric_accumulator_averages_per_key_and_refuses_attached_tensors():
+    acc = MetricAccumulator()
+    acc.add({"loss": torch.tensor(1.0), "gap": torch.tensor(2.0)})
+    acc.add({"loss": torch.tensor(3.0)})  # a key may be missing on some steps (a method's optional term)
+    assert acc.count == 2
+    assert acc.pop() == {"loss": 2.0, "gap": 2.0}
+    assert acc.count == 0 and acc.pop() == {}
+    with pytest.raises(ValueError, match="detached.*loss"):
+        acc.add({"loss": torch.ones((), requires_grad=True) * 2})
 
 
 def test_trial_outcome_rules():

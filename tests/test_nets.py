@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ebm_scale.errors import ConfigError
-from ebm_scale.nets import ACTIVATIONS, EnergyMLP, MLPConfig
+from ebm_scale.nets import ACTIVATIONS, EnergyMLP, MLPConfig, ScalarHead
 
 
 
@@ -11,8 +11,23 @@ from ebm_scale.nets import ACTIVATIONS, EnergyMLP, MLPConfig
 def test_energy_mlp_shape_and_layer_count():
     net = EnergyMLP(2, MLPConfig(hidden=32, layers=4))
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(2, 32), (32, 32), (32, 32), (32, 1)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2, 32), (32, 32), (32, 32)]
+    assert isinstance(net.net[-1], ScalarHead) and net.net[-1].in_features == 32
     assert net(torch.randn(7, 2)).shape == (7,)
+
+
+def test_scalar_head_is_a_width_to_one_linear_layer():
+    torch.manual_seed(0)
+    head, h = ScalarHead(16), torch.randn(5, 16, requires_grad=True)
+    reference = nn.Linear(16, 1)
+    with torch.no_grad():
+        reference.weight.copy_(head.weight[None]), reference.bias.copy_(head.bias[None])
+    assert torch.allclose(head(h), reference(h).squeeze(-1))
+    # Second derivatives go through it (generator loss, exact trace of the Hessian).
+    (g,) = torch.autograd.grad(torch.tanh(head(h)).sum(), h, create_graph=True)
+    assert g.requires_grad
+    # nn.Linear's init scale: |w|, |b| ≤ 1/sqrt(width).
+    assert head.weight.abs().max() <= 0.25 and head.bias.abs() <= 0.25
 
 
 def test_energy_mlp_flattens_input():
@@ -23,7 +38,7 @@ def test_energy_mlp_flattens_input():
 
 def test_paper_default_is_five_linear_layers_of_256_swish():
     net = EnergyMLP(2)
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in net.modules() if isinstance(m, (nn.Linear, ScalarHead))]
     assert len(linears) == 5 and linears[0].out_features == 256
     assert any(isinstance(m, nn.SiLU) for m in net.modules())
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ebm_scale.samplers import (
-    CHAIN_INITS, SAMPLERS, DataInit, NoiseInit, ReplayBuffer, ode_log_density, sample_euler, sample_langevin,
+    CHAIN_INITS, SAMPLERS, DataInit, NoiseInit, ReplayBuffer, mean_grad_norm, ode_log_density, sample_euler,
+    sample_langevin,
     sample_ode, sampler_knobs,
 )
 
@@ -66,20 +67,21 @@ def test_callback_sees_every_step_with_documented_keys():
                     noise_scale=0.5, callback=seen.append)
     assert [info["step"] for info in seen] == list(range(5))
     for info in seen:
-        assert {"step", "x", "grad_norm", "energy"} <= set(info)
-        assert info["grad_norm"].dim() == 0 and not info["grad_norm"].requires_grad
-        assert not info["x"].requires_grad and info["x"].shape == (8, 2)
-    # grad_norm is the mean per-sample ‖∇E‖ at the point the step started from.
+        assert {"step", "x", "grad", "energy"} <= set(info)
+        assert info["energy"].shape == (8,) and info["grad"].shape == (8, 2)
+        assert not any(info[k].requires_grad for k in ("x", "grad", "energy")) and info["x"].shape == (8, 2)
+    # grad is ∇E at the point the step started from.
     x = torch.randn(8, 2, dtype=torch.float64)
     first = []
     sample_euler(gaussian_energy, x, steps=1, step_size=0.1, callback=first.append)
+    assert torch.allclose(first[0]["grad"], (x - MU) @ PRECISION)
     expected = torch.linalg.vector_norm((x - MU) @ PRECISION, dim=1).mean()
-    assert torch.allclose(first[0]["grad_norm"], expected)
+    assert torch.allclose(mean_grad_norm(first[0]["grad"]), expected)
 
     ode_seen = []
     sample_ode(quadratic_energy(1.0), torch.randn(8, 2), horizon=0.2, callback=ode_seen.append)
     assert len(ode_seen) >= 6 and [info["step"] for info in ode_seen] == list(range(len(ode_seen)))
-    assert all({"step", "t", "x", "grad_norm"} <= set(info) and info["grad_norm"].dim() == 0 for info in ode_seen)
+    assert all({"step", "t", "x", "grad", "energy"} <= set(info) and info["grad"].shape == (8, 2) for info in ode_seen)
 
 
 def test_langevin_under_no_grad_and_create_graph():

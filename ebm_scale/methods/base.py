@@ -142,7 +142,7 @@ class Method(abc.ABC):
         if grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.zeros(())
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         optimizer.step()
         return norm.detach()
 

@@ -5,6 +5,7 @@ activation"; here `layers` counts Linear layers, so the default is 2 → 256 →
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +54,25 @@ class MLPConfig:
                 allowed=sorted(ACTIVATIONS))
 
 
+class ScalarHead(nn.Module):
+    """The output layer of an energy: Linear(width → 1) returning (n,) energies directly, as one addmv.
+
+    Why not nn.Linear(width, 1) + squeeze: samplers evaluate E and ∇_x E tens of times per training
+    iteration, and the squeeze's extra autograd node made a 2→128→128→1 MLP's fwd+grad ~4 % slower on CPU
+    (interleaved timing, 3000 repeats). Initialised like nn.Linear.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.in_features = width
+        bound = 1.0 / math.sqrt(width)  # nn.Linear's default init for both weight and bias
+        self.weight = nn.Parameter(torch.empty(width).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(()).uniform_(-bound, bound))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.addmv(self.bias, h, self.weight)
+
+
 class EnergyMLP(nn.Module):
     """E: R^dim → R. Takes (n, *shape) with prod(shape) == dim and returns (n,) energies."""
 
@@ -64,9 +84,9 @@ class EnergyMLP(nn.Module):
         blocks: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
             blocks += [nn.Linear(width_in, width_out), ACTIVATIONS[cfg.activation]()]
-        blocks.append(nn.Linear(widths[-1], 1))
+        blocks.append(ScalarHead(widths[-1]))
         self.net = nn.Sequential(*blocks)
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1)).squeeze(-1)
+        return self.net(x if x.dim() == 2 else x.flatten(1))

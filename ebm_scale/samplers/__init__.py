@@ -4,7 +4,9 @@
 
 `energy_fn(x) -> (n,)` per-sample energies (density ∝ exp(−E)); `x0` the chains' starting points;
 `create_graph=True` keeps the result differentiable w.r.t. the energy's parameters; `callback(dict)` is
-called once per step with at least {"step", "x", "grad_norm"} (detached tensors, no host sync).
+called once per step with at least {"step", "x", "energy", "grad"}: the step's point, per-sample energies
+and ∇E, detached and unreduced. The sampler computes nothing for the callback, so diagnostics cost only
+what the consumer reduces (e.g. `mean_grad_norm` on the steps it cares about), and nothing syncs the host.
 The knobs are keyword-only and named like the config fields that set them, so a method can fill them
 from its config by name (see `sampler_knobs`).
 """
@@ -14,7 +16,7 @@ import inspect
 from typing import Callable
 
 from ebm_scale.samplers.chains import CHAIN_INITS, ChainInit, DataInit, NoiseInit, ReplayBuffer
-from ebm_scale.samplers.langevin import sample_euler, sample_langevin
+from ebm_scale.samplers.langevin import mean_grad_norm, sample_euler, sample_langevin
 from ebm_scale.samplers.ode import ODE_SOLVERS, ode_log_density, sample_ode
 
 SAMPLERS: dict[str, Callable] = {
@@ -34,5 +36,5 @@ def sampler_knobs(sampler: Callable) -> tuple[str, ...]:
 
 __all__ = [
     "CHAIN_INITS", "ChainInit", "DataInit", "NoiseInit", "ODE_SOLVERS", "ReplayBuffer", "SAMPLERS",
-    "ode_log_density", "sample_euler", "sample_langevin", "sample_ode", "sampler_knobs",
+    "mean_grad_norm", "ode_log_density", "sample_euler", "sample_langevin", "sample_ode", "sampler_knobs",
 ]

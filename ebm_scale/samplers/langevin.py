@@ -49,8 +49,8 @@ def sample_langevin(
     create_graph=True: the whole chain stays differentiable w.r.t. the energy's parameters (and x0, if it
     requires grad) — the self-adversarial generator loss backpropagates through it.
 
-    callback(dict) after each step i with: step, x (= x_{i+1}, detached), energy (mean E(x_i)),
-    grad_norm (mean per-sample ‖∇E(x_i)‖); all tensors detached, nothing synchronised with the host.
+    callback(dict) after each step i with: step, x (= x_{i+1}), energy (per-sample E(x_i)), grad (∇E(x_i));
+    tensors detached and unreduced, nothing synchronised with the host.
     """
     noise_std = noise_scale * math.sqrt(step_size)
     # The caller may be evaluating under torch.no_grad(); the dynamics need ∇_x E regardless.
@@ -66,8 +66,7 @@ def sample_langevin(
                 with torch.no_grad():  # the update itself needs no graph on the cheap path
                     x = _langevin_update(x, grad, step_size, noise_std)
             if callback is not None:
-                callback({"step": i, "x": x.detach(), "energy": energy.detach().mean(),
-                          "grad_norm": mean_grad_norm(grad)})
+                callback({"step": i, "x": x.detach(), "energy": energy.detach(), "grad": grad.detach()})
     return x if create_graph else x.detach()
 
 

@@ -17,7 +17,7 @@ import math
 import torch
 from torchdiffeq import odeint
 
-from ebm_scale.samplers.langevin import Callback, EnergyFn, energy_and_grad, mean_grad_norm
+from ebm_scale.samplers.langevin import Callback, EnergyFn, energy_and_grad
 
 ODE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
@@ -47,7 +47,7 @@ def sample_ode(
     create_graph=True backpropagates through the solver's own operations (direct, not adjoint: memory grows
     with the number of steps). callback(dict) per vector-field evaluation — the solver exposes no other
     notion of a step, and dopri5 spends 6 evaluations per accepted step — with: step (evaluation index),
-    t, x (the evaluation point), energy (mean E), grad_norm (mean per-sample ‖∇E‖); all detached.
+    t, x (the evaluation point), energy (per-sample E), grad (∇E); detached and unreduced.
     """
     _check_solver(solver)
     evaluations = 0
@@ -59,8 +59,8 @@ def sample_ode(
                 x = x.detach().requires_grad_(True)
             energy, grad = energy_and_grad(energy_fn, x, create_graph)
         if callback is not None:
-            callback({"step": evaluations, "t": t.detach(), "x": x.detach(), "energy": energy.detach().mean(),
-                      "grad_norm": mean_grad_norm(grad)})
+            callback({"step": evaluations, "t": t.detach(), "x": x.detach(), "energy": energy.detach(),
+                      "grad": grad.detach()})
         evaluations += 1
         return -grad if create_graph else -grad.detach()
 
