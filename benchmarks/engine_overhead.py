@@ -1,12 +1,17 @@
 """How much does the engine cost? Per-iteration time of `mle` through ebm_scale's loop vs a bare PyTorch
 loop doing the same math in the same process, plus trial start-up time (in-process and 2-worker TorchTrainer).
 
-    uv run python benchmarks/engine_overhead.py            # full (a few minutes on 2 cores)
+    uv run python benchmarks/engine_overhead.py            # full (~5 minutes on 2 cores)
     uv run python benchmarks/engine_overhead.py --quick    # smoke run
 
-Per-iteration time is differential: T(2N iterations) − T(N iterations), divided by N, so set-up, the one
-evaluation at the end and process warm-up cancel; repeated, engine and bare runs interleaved, median reported.
-The engine run is the real one: MLflow tracking into SQLite (asynchronous batched logging) included.
+Why interleaved chunks: on a shared 2-core VM the same loop's speed drifts by ±20 % over seconds, far more
+than the 3 % being measured, so engine and bare runs timed one after the other cannot resolve it. Here the
+bare loop runs *inside* the engine run: at every train-metric log (every `log_every` = 25 engine iterations)
+the tracker below first waits until MLflow has written the batch (so the engine is charged for its logging in
+full, as if it were synchronous), then runs 25 bare iterations on its own timer. Engine and bare chunks
+alternate every ~0.6 s and see the same machine; each pair gives one ratio, and a run reports the median.
+The engine chunk is everything the loop does between two logs: batch draw, the method's train_step with its
+diagnostics, metric accumulation, the finite check, the host sync and the MLflow write (SQLite, real).
 """
 from __future__ import annotations
 
@@ -24,11 +29,72 @@ from ebm_scale.data import load_dataset
 from ebm_scale.engine import tracking
 from ebm_scale.engine.loop import train
 
-OVERRIDES = [  # a small mle setup (what the quick start trains), euler: the engine's share is largest here
+LOG_EVERY = 25
+OVERRIDES = [  # a small mle setup (what the quick start trains): the engine's share is largest on small nets
     "method.net.hidden=128", "method.net.layers=3", "method.sampler.kind=langevin",
     "method.sampler.steps=20", "method.sampler.step_size=0.1", "method.sampler.noise_scale=0.01",
-    "train.batch_size=256", "train.log_every=25", "eval.n_samples=200", "eval.grid_size=40", "eval.plots=false",
+    "train.batch_size=256", f"train.log_every={LOG_EVERY}", "eval.n_samples=200", "eval.grid_size=40",
+    "eval.plots=false",
 ]
+
+
+class BareLoop:
+    """The same math written out by hand: Swish MLP energy, Langevin chain from noise, contrastive loss, Adam."""
+
+    def __init__(self, cfg):
+        torch.manual_seed(1)
+        h, self.knobs, self.batch_size = cfg.method.net.hidden, cfg.method.sampler, cfg.train.batch_size
+        layers = [nn.Linear(2, h), nn.SiLU()]
+        for _ in range(cfg.method.net.layers - 2):
+            layers += [nn.Linear(h, h), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(h, 1))
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.method.optim.lr)
+        self.data = load_dataset(cfg.data, cfg.seed).train
+        self.gen = torch.Generator().manual_seed(0)  # its own stream: the engine's run is not perturbed
+
+    def run(self, iterations: int) -> float:
+        net, s, n, gen = self.net, self.knobs, self.batch_size, self.gen
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            x_pos = self.data[torch.randint(len(self.data), (n,), generator=gen)]
+            x = torch.randn(x_pos.shape, generator=gen)
+            for _ in range(s.steps):
+                x = x.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(net(x).sum(), x)
+                x = x - 0.5 * s.step_size * grad + s.noise_scale * s.step_size ** 0.5 * torch.randn(x.shape, generator=gen)
+            energies = net(torch.cat([x_pos, x.detach()]))
+            loss = energies[:n].mean() - energies[n:].mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        return time.perf_counter() - t0
+
+
+class InterleavingTracker:
+    """The engine's tracker for the benchmark: forwards to the real MlflowTracker, and at each train-metric
+    log closes an engine chunk (after MLflow's write has landed) and runs one bare chunk."""
+
+    def __init__(self, real: tracking.MlflowTracker, bare: BareLoop):
+        self.real, self.bare = real, bare
+        self.engine_chunks: list[float] = []
+        self.bare_chunks: list[float] = []
+        self.resumed_at: float | None = None  # None until the first log: the first chunk includes set-up
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.real.log_metrics(metrics, step)
+        if not any(k.startswith("train/") for k in metrics):  # evaluation metrics: not a training chunk
+            return
+        self.real.flush()
+        now = time.perf_counter()
+        if self.resumed_at is not None:
+            self.engine_chunks.append(now - self.resumed_at)
+            self.bare_chunks.append(self.bare.run(LOG_EVERY))
+        else:
+            self.bare.run(LOG_EVERY)  # warm-up for the bare loop too
+        self.resumed_at = time.perf_counter()
+
+    def log_artifacts(self, paths, artifact_path):
+        self.real.log_artifacts(paths, artifact_path)
 
 
 class BenchSession:
@@ -44,45 +110,14 @@ class BenchSession:
         return None
 
 
-def engine_seconds(iterations: int, uri: str, run_id: str) -> float:
+def interleaved_run(pairs: int, uri: str, run_id: str) -> tuple[list[float], list[float]]:
+    """One engine run of (pairs + 1) chunks with a bare chunk after each; returns per-iteration seconds."""
+    iterations = LOG_EVERY * (pairs + 1)
     cfg = compose(None, OVERRIDES + [f"train.iterations={iterations}", f"train.eval_every={iterations}"])
-    tracker = tracking.MlflowTracker(uri, run_id, async_logging=True)
-    t0 = time.perf_counter()
+    tracker = InterleavingTracker(tracking.MlflowTracker(uri, run_id, async_logging=True), BareLoop(cfg))
     train(cfg, BenchSession(tracker))
-    tracker.flush()
-    return time.perf_counter() - t0
-
-
-def bare_seconds(iterations: int) -> float:
-    """The same math written out by hand: Swish MLP energy, Langevin chain, contrastive loss, Adam."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = compose(None, OVERRIDES)
-    data = load_dataset(cfg.data, cfg.seed).train
-    h, s = cfg.method.net.hidden, cfg.method.sampler
-    layers = [nn.Linear(2, h), nn.SiLU()]
-    for _ in range(cfg.method.net.layers - 2):
-        layers += [nn.Linear(h, h), nn.SiLU()]
-    net = nn.Sequential(*layers, nn.Linear(h, 1))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    for _ in range(iterations):
-        x_pos = data[torch.randint(len(data), (cfg.train.batch_size,), generator=gen)]
-        x = torch.randn_like(x_pos)
-        for _ in range(s.steps):
-            x = x.detach().requires_grad_(True)
-            grad, = torch.autograd.grad(net(x).sum(), x)
-            x = x - 0.5 * s.step_size * grad + s.noise_scale * s.step_size ** 0.5 * torch.randn_like(x)
-        loss = net(x_pos).mean() - net(x.detach()).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - t0
-
-
-def per_iteration(fn, n: int, *args) -> float:
-    return (fn(2 * n, *args) - fn(n, *args)) / n
+    tracker.real.flush()  # the last (evaluation) batch lands before the temp store goes away
+    return ([t / LOG_EVERY for t in tracker.engine_chunks], [t / LOG_EVERY for t in tracker.bare_chunks])
 
 
 def startup_seconds(num_workers: int, storage: str, uri: str) -> float:
@@ -112,25 +147,34 @@ def startup_seconds(num_workers: int, storage: str, uri: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--runs", type=int, default=3, help="independent engine runs (fresh model, fresh process state)")
+    ap.add_argument("--pairs", type=int, default=40, help="engine/bare chunk pairs per run (25 iterations each)")
+    ap.add_argument("--no-startup", action="store_true", help="skip the trial start-up measurements")
     args = ap.parse_args()
-    repeats, n = (2, 40) if args.quick else (args.repeats, args.iterations)
+    runs, pairs = (1, 6) if args.quick else (args.runs, args.pairs)
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
         exp = tracking.ensure_experiment(uri, "benchmark")
-        run_id = tracking._client(uri).create_run(exp).info.run_id
-        engine, bare = [], []
-        for r in range(repeats):  # interleaved, so drift in machine load hits both alike
-            bare.append(per_iteration(bare_seconds, n))
-            engine.append(per_iteration(engine_seconds, n, uri, run_id))
-            print(f"  repeat {r + 1}/{repeats}: bare {bare[-1] * 1e3:.2f} ms/it, engine {engine[-1] * 1e3:.2f} ms/it", flush=True)
-        e, b = statistics.median(engine), statistics.median(bare)
-        print(f"\nmle per-iteration (median of {repeats}, {n}→{2 * n} iterations, 1 thread):")
-        print(f"  bare PyTorch loop : {b * 1e3:.2f} ms")
-        print(f"  ebm_scale engine  : {e * 1e3:.2f} ms")
-        print(f"  engine overhead   : {(e / b - 1) * 100:+.1f} %")
+        run_medians, engine_all, bare_all = [], [], []
+        for r in range(runs):
+            run_id = tracking._client(uri).create_run(exp).info.run_id
+            engine, bare = interleaved_run(pairs, uri, run_id)
+            ratios = [e / b for e, b in zip(engine, bare)]
+            run_medians.append(statistics.median(ratios))
+            engine_all += engine
+            bare_all += bare
+            print(f"  run {r + 1}/{runs}: {len(ratios)} pairs, engine/bare median {run_medians[-1]:.3f} "
+                  f"(pairs ranged {min(ratios):.3f}–{max(ratios):.3f}); bare {statistics.median(bare) * 1e3:.2f} "
+                  f"ms/it, engine {statistics.median(engine) * 1e3:.2f} ms/it", flush=True)
+        overhead = statistics.median(run_medians) - 1
+        print(f"\nmle per-iteration ({runs} runs × {pairs} interleaved pairs of {LOG_EVERY} iterations, 1 thread):")
+        print(f"  bare PyTorch loop : {statistics.median(bare_all) * 1e3:.2f} ms (median chunk)")
+        print(f"  ebm_scale engine  : {statistics.median(engine_all) * 1e3:.2f} ms (median chunk)")
+        print(f"  engine overhead   : {overhead * 100:+.1f} % (median over runs of each run's median pair ratio; "
+              f"runs: {', '.join(f'{(m - 1) * 100:+.1f} %' for m in run_medians)})")
+        if args.no_startup:
+            return
 
         import ray
 

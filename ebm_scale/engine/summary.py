@@ -7,6 +7,7 @@ their intermediate values) so the same figures come out for a fresh and a resume
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -89,6 +90,7 @@ def learning_curves(cfg, results, path: Path) -> Path:
 
 
 def sweep_figures(cfg, results, out_dir: str, printer=print) -> list[str]:
+    from optuna.exceptions import ExperimentalWarning
     from optuna.visualization import matplotlib as ovm
 
     out = Path(out_dir)
@@ -104,7 +106,9 @@ def sweep_figures(cfg, results, out_dir: str, printer=print) -> list[str]:
             printer(f"  (skipping {name}: needs at least 2 trials that ran to the end, have {len(complete)})")
             continue
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():  # Optuna marks its matplotlib backend "experimental" on every call
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                ax = plot(study)
             fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
             fig.set_size_inches(8, 4.5)
             fig.tight_layout()
