@@ -1,0 +1,49 @@
+"""One config for "the energy network" of the two-stage methods: an MLP for flat (2D) data, or one of the
+papers' convolutional energies for images. Hydra needs one concrete dataclass per config node, so the fields
+of every architecture live side by side and `arch` picks which ones matter."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ebm_scale.errors import require
+from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
+
+ENERGY_ARCHS = ("mlp", "nt_ebm", "vaebm_resnet")
+
+@dataclass
+class EnergyNetConfig:
+    arch: str = "mlp"            # mlp | nt_ebm (paper 002 Tables 4/5) | vaebm_resnet (paper 003)
+    hidden: int = 256            # mlp width
+    layers: int = 4              # mlp Linear layers (paper 003's 2D energy: 4 × 256)
+    activation: str = "swish"    # mlp activation
+    channels: int = 32           # conv archs: n_f / base channels
+    blocks_per_stage: int = 1    # vaebm_resnet residual blocks per resolution
+
+    def validate(self, prefix: str) -> None:
+        require(self.arch in ENERGY_ARCHS, f"{prefix}.arch", f"unknown energy network {self.arch!r}",
+                allowed=ENERGY_ARCHS)
+        if self.arch == "mlp":
+            self._mlp().validate(prefix)
+        else:
+            self._conv().validate(prefix)
+
+    def _mlp(self) -> MLPConfig:
+        return MLPConfig(hidden=self.hidden, layers=self.layers, activation=self.activation)
+
+    def _conv(self):
+        from ebm_scale.nets.conv_energy import ConvEnergyConfig
+
+        return ConvEnergyConfig(arch=self.arch, channels=self.channels, blocks_per_stage=self.blocks_per_stage)
+
+def build_energy(shape: tuple[int, ...], cfg: EnergyNetConfig) -> nn.Module:
+    """(n, *shape) → (n,) energies."""
+    if cfg.arch == "mlp":
+        dim = 1
+        for s in shape:
+            dim *= s
+        return EnergyMLP(dim, cfg._mlp())
+    from ebm_scale.nets.conv_energy import build_conv_energy
+
+    return build_conv_energy(tuple(shape), cfg._conv(), prefix="method.energy")

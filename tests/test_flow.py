@@ -1,0 +1,205 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from ebm_scale.errors import ConfigError
+from ebm_scale.nets.flow import ARCHS, COUPLINGS, ActNorm, Flow, FlowConfig, squeeze
+
+# (arch, shape): 2D toys, an odd split (1 | 2) and a tiny image (squeezed to 8 channels of 2×2).
+CASES = [("mlp", (2,)), ("mlp", (3,)), ("conv", (2, 4, 4))]
+
+
+def perturbed_flow(shape, arch="mlp", coupling="affine", seed=0, scale=0.2, depth=3, hidden=16):
+    """A float64 flow moved away from its identity init: zero-initialised couplings and unit actnorms would
+    make every log-determinant test trivial."""
+    torch.manual_seed(seed)
+    flow = Flow(shape, FlowConfig(arch=arch, depth=depth, hidden=hidden, coupling=coupling)).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return flow.eval()
+
+
+def std_normal_log_prob(z):
+    return -0.5 * (z.flatten(1).square().sum(1) + z[0].numel() * math.log(2 * math.pi))
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("arch, shape", CASES)
+def test_forward_and_inverse_are_inverse_with_opposite_logdets(arch, shape, coupling):
+    flow = perturbed_flow(shape, arch, coupling)
+    z = torch.randn(16, *shape, dtype=torch.float64)
+    x, logdet_fwd = flow.forward_with_logdet(z)
+    assert x.shape == z.shape and logdet_fwd.shape == (16,)
+    z_back, logdet_inv = flow.inverse(x)
+    assert torch.allclose(z_back, z, atol=1e-9, rtol=0)
+    assert torch.allclose(logdet_inv, -logdet_fwd, atol=1e-9, rtol=0)
+    x_back = flow(flow.inverse(x)[0])
+    assert torch.allclose(x_back, x, atol=1e-9, rtol=0)
+    assert not torch.allclose(x, z, atol=1e-2)  # the perturbed flow is not the identity
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("arch, shape", CASES)
+def test_logdet_is_the_log_abs_det_of_the_autograd_jacobian(arch, shape, coupling):
+    flow = perturbed_flow(shape, arch, coupling, seed=1)
+    dim = math.prod(shape)
+    g = lambda v: flow(v.view(1, *shape)).flatten()  # noqa: E731
+    g_inv = lambda v: flow.inverse(v.view(1, *shape))[0].flatten()  # noqa: E731
+    for z in torch.randn(3, dim, dtype=torch.float64):
+        x, logdet = flow.forward_with_logdet(z.view(1, *shape))
+        expected = torch.linalg.slogdet(torch.autograd.functional.jacobian(g, z, vectorize=True))[1]
+        assert abs(expected) > 0.1  # not volume preserving, so the test has something to check
+        assert torch.allclose(logdet[0], expected, atol=1e-9)
+        jac_inv = torch.autograd.functional.jacobian(g_inv, x.flatten(), vectorize=True)
+        expected_inv = torch.linalg.slogdet(jac_inv)[1]
+        assert torch.allclose(flow.inverse(x)[1][0], expected_inv, atol=1e-9)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_log_prob_integrates_to_one_over_the_plane(coupling):
+    flow = perturbed_flow((2,), coupling=coupling, seed=2)
+    grid = torch.linspace(-8, 8, 300, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    cell = (grid[1] - grid[0]) ** 2
+    with torch.no_grad():
+        z, logdet = flow.inverse(x)
+        mass = (flow.log_prob(x).exp().sum() * cell).item()
+        mass_without_logdet = (std_normal_log_prob(z).exp().sum() * cell).item()
+    assert mass == pytest.approx(1.0, abs=2e-3)
+    assert abs(mass_without_logdet - 1.0) > 0.05  # the log-determinant matters for this flow
+
+
+def test_untrained_flow_is_a_rotation_of_the_standard_normal():
+    # Identity couplings and unit actnorms leave the random orthogonal mixings: q(x) = N(x; 0, I).
+    for arch, shape in CASES:
+        flow = Flow(shape, FlowConfig(arch=arch, depth=3, hidden=8)).double().eval()
+        x = torch.randn(8, *shape, dtype=torch.float64)
+        assert torch.allclose(flow.log_prob(x), std_normal_log_prob(x), atol=1e-10)
+        assert not torch.allclose(flow(x), x, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch, shape", [("mlp", (2,)), ("conv", (2, 4, 4))])
+def test_actnorm_data_init_normalizes_once_and_survives_a_state_dict_round_trip(arch, shape):
+    torch.manual_seed(0)
+    cfg = FlowConfig(arch=arch, depth=3, hidden=8)
+    flow = Flow(shape, cfg)  # training mode
+    channel_dims = (0,) if arch == "mlp" else (0, 2, 3)
+    spread = torch.linspace(0.2, 2.0, shape[0]).view(-1, *[1] * (len(shape) - 1))  # per-channel scales
+
+    def data(n):
+        return 3.0 + 5.0 * spread * torch.randn(n, *shape)
+
+    x = data(512)
+    flow.log_prob(x)
+    # Every actnorm was initialised on what reached it: its output has mean 0, std 1 per channel.
+    h = squeeze(x) if arch == "conv" else x
+    actnorms = 0
+    with torch.no_grad():
+        for layer in flow.layers:
+            h = layer.encode(h)[0]
+            if isinstance(layer, ActNorm):
+                actnorms += 1
+                assert bool(layer.initialized)
+                assert torch.allclose(h.mean(channel_dims), torch.zeros(1), atol=1e-4)
+                assert torch.allclose(h.std(channel_dims, correction=0), torch.ones(1), atol=1e-4)
+    assert actnorms == 3
+
+    params = copy.deepcopy(flow.state_dict())
+    flow.log_prob(10 * data(64) - 7)  # a second training batch with other statistics: no re-init
+    assert all(torch.equal(params[k], v) for k, v in flow.state_dict().items())
+
+    torch.manual_seed(1)
+    restored, fresh = Flow(shape, cfg), Flow(shape, cfg)
+    restored.load_state_dict(params)
+    other = 10 * data(64) - 7
+    restored.log_prob(other), fresh.log_prob(other)  # training mode, first batch each
+    assert all(torch.equal(params[k], v) for k, v in restored.state_dict().items())
+    assert torch.allclose(restored.eval().log_prob(x), flow.eval().log_prob(x))
+    # Control: a module that was not restored does initialise on its first batch.
+    assert not torch.equal(fresh.state_dict()["layers.0.loc"], params["layers.0.loc"])
+
+
+def test_actnorm_does_not_initialise_in_eval_mode_or_in_the_generative_direction():
+    flow = Flow((2,), FlowConfig(depth=2, hidden=8))
+    flow(torch.randn(32, 2) * 5 + 3)  # training mode, but latent → data
+    flow.eval().log_prob(torch.randn(32, 2) * 5 + 3)
+    for layer in flow.layers:
+        if isinstance(layer, ActNorm):
+            assert not bool(layer.initialized) and torch.equal(layer.loc, torch.zeros(2))
+
+
+def test_latent_gradients_agree_in_float32_and_float64_and_are_differentiable():
+    # HMC in latent space differentiates f(g(z)) w.r.t. z.
+    for arch, shape in [("mlp", (2,)), ("conv", (2, 4, 4))]:
+        flow64 = perturbed_flow(shape, arch, seed=3)
+        flow32 = copy.deepcopy(flow64).float()
+        z64 = torch.randn(5, *shape, dtype=torch.float64, requires_grad=True)
+        z32 = z64.detach().float().requires_grad_()
+        (g64,) = torch.autograd.grad(flow64(z64).square().sum(), z64, create_graph=True)
+        (g32,) = torch.autograd.grad(flow32(z32).square().sum(), z32)
+        assert g32.dtype == torch.float32 and torch.isfinite(g32).all()
+        assert torch.allclose(g32.double(), g64, rtol=1e-4, atol=1e-4)
+        assert g64.requires_grad  # second derivatives go through the flow too
+        assert flow32.sample(7).shape == (7, *shape) and flow32.sample(7).dtype == torch.float32
+
+
+def mixture(n, generator):
+    centers = torch.tensor([[-2.0, -2.0], [2.0, 2.0]])
+    return centers[torch.randint(0, 2, (n,), generator=generator)] + 0.5 * torch.randn(n, 2, generator=generator)
+
+
+def test_maximum_likelihood_fits_a_two_mode_mixture():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    flow = Flow((2,), FlowConfig(depth=3, hidden=32))
+    test = mixture(2000, gen)
+    flow.log_prob(mixture(256, gen))  # actnorm data init
+    with torch.no_grad():
+        before = flow.log_prob(test).mean().item()
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = -flow.log_prob(mixture(256, gen)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    flow.eval()
+    with torch.no_grad():
+        after = flow.log_prob(test).mean().item()
+        samples = flow.sample(4000)
+    # Truth: E log p = -H(mixture) ≈ -2.13; the best single Gaussian (mixture's covariance) reaches
+    # -log(2πe) - 0.5 log det Σ ≈ -3.20, so a flow that stays Gaussian-like fails the second check.
+    det_cov = 4.25**2 - 4.0**2
+    best_gaussian = -math.log(2 * math.pi * math.e) - 0.5 * math.log(det_cov)
+    assert after > before + 0.5
+    assert after > best_gaussian + 0.6
+    upper = (samples.sum(1) > 0).float().mean().item()
+    between = (samples.norm(dim=1) < 1).float().mean().item()  # a Gaussian fit puts ~13 % here
+    assert 0.4 < upper < 0.6 and between < 0.1
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("arch", "resnet", ARCHS), ("coupling", "spline", COUPLINGS),
+    ("depth", 0, None), ("hidden", 0, None), ("coupling_layers", 0, None),
+])
+def test_validation_names_the_key(field, value, allowed):
+    cfg = FlowConfig(**{field: value})
+    with pytest.raises(ConfigError) as err:
+        cfg.validate("method.flow")
+    assert err.value.key == f"method.flow.{field}" and str(err.value).startswith(f"method.flow.{field}:")
+    assert err.value.allowed == allowed
+    if allowed:
+        assert f"(allowed: {', '.join(allowed)})" in str(err.value)
+
+
+def test_shapes_the_architecture_cannot_take_are_refused():
+    with pytest.raises(ValueError, match="H and W even"):
+        Flow((3, 5, 4), FlowConfig(arch="conv"))
+    with pytest.raises(ValueError, match="H and W even"):
+        Flow((2,), FlowConfig(arch="conv"))
+    with pytest.raises(ValueError, match="at least 2"):
+        Flow((1,), FlowConfig())
+    with pytest.raises(ConfigError, match="flow.coupling"):
+        Flow((2,), FlowConfig(coupling="spline"))
