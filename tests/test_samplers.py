@@ -27,7 +27,7 @@ def quadratic_energy(a):
 
 
 def test_registry_and_knobs():
-    assert set(SAMPLERS) == {"langevin", "euler", "ode"}
+    assert set(SAMPLERS) == {"langevin", "euler", "ode", "hmc"}
     assert sampler_knobs(sample_langevin) == ("steps", "step_size", "noise_scale")
     assert sampler_knobs(sample_euler) == ("steps", "step_size")
     assert sampler_knobs(sample_ode) == ("horizon", "rtol", "atol", "solver")

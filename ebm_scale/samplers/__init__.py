@@ -16,13 +16,15 @@ import inspect
 from typing import Callable
 
 from ebm_scale.samplers.chains import CHAIN_INITS, ChainInit, DataInit, NoiseInit, ReplayBuffer
-from ebm_scale.samplers.langevin import mean_grad_norm, sample_euler, sample_langevin
+from ebm_scale.samplers.hmc import sample_hmc
+from ebm_scale.samplers.langevin import ChainEnds, mean_grad_norm, sample_euler, sample_langevin
 from ebm_scale.samplers.ode import ODE_SOLVERS, ode_log_density, sample_ode
 
 SAMPLERS: dict[str, Callable] = {
     "langevin": sample_langevin,
     "euler": sample_euler,
     "ode": sample_ode,
+    "hmc": sample_hmc,
 }
 
 _CONVENTION_ARGS = {"energy_fn", "x0", "create_graph", "callback"}
@@ -35,6 +37,7 @@ def sampler_knobs(sampler: Callable) -> tuple[str, ...]:
 
 
 __all__ = [
-    "CHAIN_INITS", "ChainInit", "DataInit", "NoiseInit", "ODE_SOLVERS", "ReplayBuffer", "SAMPLERS",
+    "CHAIN_INITS", "ChainEnds", "ChainInit", "DataInit", "NoiseInit", "ODE_SOLVERS", "ReplayBuffer", "SAMPLERS",
     "mean_grad_norm", "ode_log_density", "sample_euler", "sample_langevin", "sample_ode", "sampler_knobs",
+    "sample_hmc",
 ]
