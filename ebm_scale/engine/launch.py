@@ -94,10 +94,19 @@ def _tracker(ctx: TrialContext, run_id: str):
     return tracking.MlflowTracker(ctx.tracking_uri, run_id, ctx.async_logging)
 
 
+def _localize_backbone(cfg: EbmScaleConfig, ctx: TrialContext) -> None:
+    """Two-stage methods load their backbone from a local file: fetch the reference into this machine's cache."""
+    from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
+
+    if backbone_kind(cfg) is not None:
+        cfg.method.backbone = resolve_backbone(cfg.method.backbone, ctx.tracking_uri)
+
+
 def train_worker(loop_config: dict) -> None:
     """Entry point of every TorchTrainer worker."""
     cfg = from_dictconfig(loop_config["config"])
     ctx: TrialContext = loop_config["context"]
+    _localize_backbone(cfg, ctx)  # this worker may be on another node than the trial's driver
     session = TrainSession(_tracker(ctx, loop_config["run_id"]))
     try:
         train(cfg, session)
@@ -116,7 +125,10 @@ def run_trial(sampled: dict, base: dict, context: TrialContext) -> None:
     params = flatten(to_container(cfg))
     run_id = tracking.open_trial_run(context.tracking_uri, context.experiment_id, context.parent_run_id,
                                      trial_id, tune_ctx.get_trial_name(), params)
+    if getattr(cfg.method, "backbone", ""):
+        tracking._client(context.tracking_uri).set_tag(run_id, tracking.BACKBONE_TAG, cfg.method.backbone)
     if cfg.scaling.num_workers == 0:
+        _localize_backbone(cfg, context)
         tracker = _tracker(context, run_id)
         try:
             train(cfg, TuneSession(tracker))

@@ -19,6 +19,9 @@ from ebm_scale.config import EbmScaleConfig, to_container
 from ebm_scale.data import load_dataset
 from ebm_scale.engine.state import gather_to_rank0, rng_state, save_state, seed_everything, set_rng_state
 from ebm_scale.methods import build_method
+from ebm_scale.methods.backbone import save_backbone
+from ebm_scale.metrics.chains import evaluate_chains
+from ebm_scale.metrics.mcmc import plot_series
 from ebm_scale.metrics.toy import evaluate_toy
 
 
@@ -127,6 +130,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
             session.tracker.log_metrics({"resumed_from_step": float(start)}, start)
 
     accumulator = MetricAccumulator()
+    curves: dict[str, tuple[list, list]] = {k: ([], []) for k in method.curve_keys}  # for the curves PNG
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     t_log = time.perf_counter()
@@ -154,21 +158,32 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
             t_log = now
             if session.tracker is not None:
                 session.tracker.log_metrics(last_train, step)
+            for key, (steps, values) in curves.items():
+                if f"train/{key}" in last_train:
+                    steps.append(step), values.append(last_train[f"train/{key}"])
 
         if is_eval:
-            last_eval = _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train)
+            last_eval = _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train, curves)
             t_log = time.perf_counter()  # evaluation time is not training time
     return RunSummary(step=cfg.train.iterations, diverged=False, metrics={**last_train, **last_eval})
 
 
-def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train) -> dict:
+def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train, curves) -> dict:
+    final = step == cfg.train.iterations
     with tempfile.TemporaryDirectory(prefix="ebm_scale_ckpt_") as tmp:
         metrics: dict[str, float] = {"step": step, "diverged": 0}
         artifacts: list = []
         if session.rank == 0:
             method.train(False)
             eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step)
+            chain_metrics, chain_plots = evaluate_chains(method, cfg.eval.mcmc, tmp + "/plots", step, final,
+                                                         cfg.eval.plots)
             method.train(True)
+            eval_metrics.update(chain_metrics)
+            artifacts += chain_plots
+            if cfg.eval.plots and any(steps for steps, _ in curves.values()):
+                artifacts.append(plot_series(curves, f"{tmp}/plots/curves_{step:06d}.png",
+                                             f"{cfg.method.name} on {cfg.data.name}: over training"))
             metrics.update(eval_metrics)
             metrics.update(last_train)
         # RNG states are taken after evaluation (which draws samples), so a resumed run continues from
@@ -180,6 +195,10 @@ def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_t
             if session.tracker is not None:
                 session.tracker.log_metrics(eval_only, step)
                 session.tracker.log_artifacts(artifacts, "plots")
+                backbone = method.export_backbone() if final else None
+                if backbone is not None:  # a stage-1 run: its network, ready for `method.backbone=runs:/<id>/backbone`
+                    backbone["data"] = cfg.data.name
+                    session.tracker.log_artifacts([save_backbone(tmp + "/backbone", backbone)], "backbone")
             state = {"method": method.state_dict(), "step": step, "per_rank": per_rank, "config": to_container(cfg)}
             checkpoint_dir = tmp + "/checkpoint"
             save_state(checkpoint_dir, state)

@@ -7,6 +7,7 @@ and the printed summary all say.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from ray.tune import Callback
 
 from ebm_scale.config import EbmScaleConfig, flatten, to_container
 from ebm_scale.engine import tracking
+from ebm_scale.engine.backbones import backbone_kind, prepare_backbone
 from ebm_scale.engine.launch import TrialContext, run_trial
 from ebm_scale.errors import ConfigError
 
@@ -239,6 +241,11 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
         store_ready.result()
     experiment_id, parent_run_id = tracking.start_sweep_run(uri, experiment, sweep_path, f"sweep-{cfg.name}",
                                                            tracking.provenance_tags())
+    try:
+        cfg = _with_backbone(cfg, uri, parent_run_id, printer)
+    except BaseException:
+        tracking.end_run(uri, parent_run_id, "failed")
+        raise
     base = to_container(cfg)
     _log_sweep_inputs(uri, parent_run_id, cfg, base, concurrency)
     ctx = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
@@ -286,6 +293,21 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
     tracking.end_run(uri, parent_run_id, "finished" if counts["finished"] else "failed")
     return SweepResult(experiment, parent_run_id, uri, best_config, best_metrics, best_run_id, counts,
                        time.perf_counter() - t0, figures)
+
+
+def _with_backbone(cfg: EbmScaleConfig, uri: str, parent_run_id: str, printer: Printer) -> EbmScaleConfig:
+    """Two-stage methods: the backbone every trial shares — given, remembered by a resumed sweep's run, or
+    trained now — checked against the method and data before any trial starts."""
+    if backbone_kind(cfg) is None:
+        return cfg
+    if not cfg.method.backbone:
+        remembered = tracking._client(uri).get_run(parent_run_id).data.tags.get(tracking.BACKBONE_TAG)
+        if remembered:  # --resume: never pretrain twice
+            cfg = copy.deepcopy(cfg)
+            cfg.method.backbone = remembered
+    cfg = prepare_backbone(cfg, printer)
+    tracking._client(uri).set_tag(parent_run_id, tracking.BACKBONE_TAG, cfg.method.backbone)
+    return cfg
 
 
 def _latest_run_dir(sweep_root: str) -> str | None:

@@ -16,6 +16,7 @@ TRIAL_TAG = "ebm_scale.trial_id"
 SWEEP_TAG = "ebm_scale.sweep_path"
 OUTCOME_TAG = "ebm_scale.outcome"
 KIND_TAG = "ebm_scale.run_kind"
+BACKBONE_TAG = "ebm_scale.backbone"  # the backbone reference a two-stage sweep and its trials stand on
 
 # What happened to a trial → MLflow's run status (MLflow has no 'pruned'/'diverged': the tag says which).
 OUTCOME_STATUS = {"finished": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "failed": "FAILED"}

@@ -42,12 +42,18 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # IGEBM-style (Du & Mordatch 2019, kept by VAEBM's public code): clip every gradient element to
+    # ±(k·sqrt(v̂) + 0.1), v̂ = Adam's bias-corrected second moment, so one wild batch cannot move a weight
+    # by more than k "typical" steps. 0 = off.
+    clip_elementwise_std: float = 0.0
 
     def validate(self, prefix: str) -> None:
         require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
         require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", f"each must be in [0, 1), got {self.betas}")
         require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        require(self.clip_elementwise_std >= 0, f"{prefix}.clip_elementwise_std",
+                f"must be >= 0 (0 = off), got {self.clip_elementwise_std}")
 
     def build(self, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
@@ -63,6 +69,11 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # Two-stage methods: the kind of pretrained backbone they stand on ("vae" | "flow"); their config then
+    # has `backbone` (a reference the engine resolves to a local file) and a `pretrain` section.
+    backbone_kind: ClassVar[str | None] = None
+    # Train metrics worth a picture over training (drawn at every evaluation), e.g. MCMC acceptance rate.
+    curve_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, spec: DataSpec, device: torch.device):
         self.cfg = cfg
@@ -83,6 +94,17 @@ class Method(abc.ABC):
 
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named unnormalized log-densities of x, e.g. {"ebm": -E(x)}; {} where the method defines none."""
+        return {}
+
+    def export_backbone(self) -> dict | None:
+        """Stage-1 methods (`vae`, `flow`): the trained network as a backbone file's contents
+        (methods.backbone.backbone_state). None for everything else."""
+        return None
+
+    def long_chains(self, chains: int, length: int) -> dict[str, torch.Tensor]:
+        """MCMC methods: `chains` long runs of the method's own sampler from fresh starts, as data-space
+        traces (chains, length, dim), keyed by a label ("latent", "data", ...). Used for R̂,
+        autocorrelation and ESS at evaluation. {} where the method runs no Markov chain."""
         return {}
 
     def extra_state(self) -> dict:
@@ -119,8 +141,9 @@ class Method(abc.ABC):
                 for t in list(m.parameters()) + list(m.buffers()):
                     dist.broadcast(t.data, src=0)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float = 0.0) -> torch.Tensor:
-        """zero_grad → backward → average gradients over ranks → clip → step. Returns the pre-clip grad norm.
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                       settings: OptimConfig | None = None) -> torch.Tensor:
+        """zero_grad → backward → average gradients over ranks → clip (per `settings`) → step. Returns the pre-clip grad norm.
 
         Data parallelism is done here, with one bucketed all-reduce of the gradients, rather than by
         wrapping networks in DistributedDataParallel: EBM samplers call the energy many times per step and
@@ -139,12 +162,29 @@ class Method(abc.ABC):
                 n = p.grad.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
-        if grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if settings is not None and settings.clip_elementwise_std > 0:
+            _clip_to_adam_std(optimizer, settings.clip_elementwise_std)
+        if settings is not None and settings.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         optimizer.step()
         return norm.detach()
+
+
+@torch.no_grad()
+def _clip_to_adam_std(optimizer: torch.optim.Optimizer, k: float) -> None:
+    """Clamp each gradient element to ±(k·sqrt(v̂) + 0.1) (see OptimConfig.clip_elementwise_std). Before
+    Adam's first step there is no second moment yet, so the first gradient passes unclipped."""
+    for group in optimizer.param_groups:
+        beta2 = group["betas"][1]
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if p.grad is None or not state or "exp_avg_sq" not in state:
+                continue
+            step = float(state["step"])
+            bound = state["exp_avg_sq"].div(1 - beta2 ** step).sqrt_().mul_(k).add_(0.1)
+            torch.maximum(torch.minimum(p.grad, bound), -bound, out=p.grad)
 
 
 def _world_size() -> int:

@@ -3,7 +3,7 @@ log-likelihood of each density it defines, and pictures of both."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ebm_scale.data import ToyData
 from ebm_scale.errors import require
+from ebm_scale.metrics.chains import McmcEvalConfig
 from ebm_scale.metrics.likelihood import DensityGrid, log_density_grid, log_normalizer, quadrature_log_likelihoods
 from ebm_scale.metrics.sinkhorn import SINKHORN_COSTS, sinkhorn_distance
 
@@ -32,6 +33,7 @@ class EvalConfig:
     sinkhorn_iters: int = 1000  # iterations at the target reg; time grows as iters · n_samples²
     grid_size: int = 200  # quadrature grid per axis
     plots: bool = True
+    mcmc: McmcEvalConfig = field(default_factory=McmcEvalConfig)  # long-run chain diagnostics (MCMC methods)
 
     def validate(self, prefix: str = "eval") -> None:
         require(self.n_samples >= 1, f"{prefix}.n_samples", f"must be >= 1, got {self.n_samples}")
@@ -40,6 +42,7 @@ class EvalConfig:
                 f"unknown cost {self.sinkhorn_cost!r}", list(SINKHORN_COSTS))
         require(self.sinkhorn_iters >= 1, f"{prefix}.sinkhorn_iters", f"must be >= 1, got {self.sinkhorn_iters}")
         require(self.grid_size >= 3, f"{prefix}.grid_size", f"must be >= 3, got {self.grid_size}")
+        self.mcmc.validate(f"{prefix}.mcmc")
 
 
 def evaluate_toy(

@@ -1,0 +1,60 @@
+"""`vae`: stage 1 of VAEBM (paper 003) — a VAE trained by its ELBO. Its final network is exported as a
+backbone file for `vaebm` (`method.backbone=runs:/<run_id>/backbone`).
+
+log_density is the importance-weighted bound (IWAE, `iw_samples` draws): on 2D data the platform normalises
+it by quadrature, which gives the VAE's own test log-likelihood — the number VAEBM must beat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ebm_scale.errors import require
+from ebm_scale.methods import register_method
+from ebm_scale.methods.backbone import backbone_state
+from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.nets.vae import VAE, VAEConfig
+
+
+@dataclass
+class VaeConfig:
+    name: str = "vae"
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    iw_samples: int = 100  # importance samples per point in log_density (paper 003's 2D table: 10k)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+
+    def validate(self, prefix: str = "method") -> None:
+        require(self.name == "vae", f"{prefix}.name", f"VaeConfig belongs to method 'vae', got {self.name!r}")
+        self.vae.validate(f"{prefix}.vae")
+        require(self.iw_samples >= 1, f"{prefix}.iw_samples", f"must be >= 1, got {self.iw_samples}")
+        self.optim.validate(f"{prefix}.optim")
+
+
+@register_method
+class Vae(Method):
+    name = "vae"
+    config_class = VaeConfig
+
+    def __init__(self, cfg: VaeConfig, spec: DataSpec, device):
+        super().__init__(cfg, spec, device)
+        cfg.validate()
+        cfg.vae.check_shape(spec.shape, "method.vae")  # names the key when the data cannot fit the architecture
+        self.networks["vae"] = VAE(spec.shape, cfg.vae).to(self.device)
+        self.optimizers["vae"] = cfg.optim.build(self.networks["vae"].parameters())
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        elbo = self.networks["vae"].elbo(batch.to(self.device, non_blocking=True)).mean()
+        grad_norm = self.optimizer_step(self.optimizers["vae"], -elbo, self.cfg.optim)
+        return {"loss": -elbo.detach(), "elbo": elbo.detach(), "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        return self.networks["vae"].sample(n)
+
+    @torch.no_grad()
+    def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"vae": self.networks["vae"].log_likelihood(x.to(self.device), samples=self.cfg.iw_samples)}
+
+    def export_backbone(self) -> dict:
+        return backbone_state("vae", self.spec.shape, self.cfg.vae, self.networks["vae"])

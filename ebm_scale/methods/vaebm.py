@@ -1,0 +1,205 @@
+"""`vaebm`: an energy correcting a frozen VAE, sampled by Langevin in the VAE's noise space (paper 003,
+METHODS.md §4).
+
+    h(x, z) ∝ p_vae(x, z) · exp(−E(x));  x = T(ε) = μ_x(ε_z) + σ_x(ε_z)·ε_x,  z = ε_z,  ε ~ N(0, I)
+
+In ε-space the target is ∝ exp(−E(T(ε))) · N(ε; 0, I): every coordinate has unit scale, so one step size
+serves z and x alike (the paper's point, its appendix B). Training is contrastive maximum likelihood on E
+with negatives T(ε_K) from K Langevin steps, plus the spectral regularizer. The VAE is stage 1 (`vae`),
+referenced by `backbone` and never updated here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ebm_scale.errors import require
+from ebm_scale.methods import register_method
+from ebm_scale.methods.backbone import PretrainConfig, load_backbone
+from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.vae import VaeConfig
+from ebm_scale.nets.energy import EnergyNetConfig, build_energy
+from ebm_scale.nets.spectral import SpectralPenalty
+from ebm_scale.nets.vae import VAEConfig
+from ebm_scale.samplers import ChainEnds, ReplayBuffer, mean_grad_norm, sample_langevin
+
+
+@dataclass
+class VaebmSamplerConfig:
+    step_size: float = 8e-5      # η, shared by ε_z and ε_x (paper Table 8, CIFAR-10)
+    steps: int = 10              # K at training
+    sample_steps: int = 16       # K at test time (paper: longer chains than training, 16 vs 10)
+    noise_scale: float = 1.0     # σ in ε ← ε − η/2 ∇U + σ√η ω (1 = Langevin proper)
+    buffer: bool = False         # persistent ε_z chains (ε_x always fresh)
+    buffer_size: int = 10000
+    buffer_max_prob: float = 0.6     # reuse probability p reached at the end of the ramp
+    buffer_ramp_iters: int = 5000    # p rises linearly 0 → max over these iterations
+
+    def validate(self, prefix: str) -> None:
+        require(self.step_size > 0, f"{prefix}.step_size", f"must be > 0, got {self.step_size}")
+        require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        require(self.sample_steps >= 1, f"{prefix}.sample_steps", f"must be >= 1, got {self.sample_steps}")
+        require(self.noise_scale >= 0, f"{prefix}.noise_scale", f"must be >= 0, got {self.noise_scale}")
+        require(self.buffer_size >= 1, f"{prefix}.buffer_size", f"must be >= 1, got {self.buffer_size}")
+        require(0 <= self.buffer_max_prob <= 1, f"{prefix}.buffer_max_prob",
+                f"must be in [0, 1], got {self.buffer_max_prob}")
+        require(self.buffer_ramp_iters >= 0, f"{prefix}.buffer_ramp_iters",
+                f"must be >= 0, got {self.buffer_ramp_iters}")
+
+
+@dataclass
+class VaebmConfig:
+    name: str = "vaebm"
+    backbone: str = ""           # runs:/<run_id>/backbone | a path to backbone.pt (or its folder) | "" = pretrain
+    vae: VAEConfig = field(default_factory=VAEConfig)          # used only when pretraining
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
+    sampler: VaebmSamplerConfig = field(default_factory=VaebmSamplerConfig)
+    spectral_weight: float = 0.2     # paper: 0.2
+    iw_samples: int = 100            # importance samples for log p_vae in log_density (paper's 2D table: 10k)
+    # Paper / public code: Adam β = (0.99, 0.999), weight decay 3e-5, IGEBM elementwise clipping at 3 std.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=4e-5, betas=(0.99, 0.999), weight_decay=3e-5, clip_elementwise_std=3.0))
+
+    def validate(self, prefix: str = "method") -> None:
+        require(self.name == "vaebm", f"{prefix}.name", f"VaebmConfig belongs to method 'vaebm', got {self.name!r}")
+        self.vae.validate(f"{prefix}.vae")
+        self.pretrain.validate(f"{prefix}.pretrain")
+        self.energy.validate(f"{prefix}.energy")
+        self.sampler.validate(f"{prefix}.sampler")
+        require(self.spectral_weight >= 0, f"{prefix}.spectral_weight", f"must be >= 0, got {self.spectral_weight}")
+        require(self.iw_samples >= 1, f"{prefix}.iw_samples", f"must be >= 1, got {self.iw_samples}")
+        self.optim.validate(f"{prefix}.optim")
+
+
+class NoiseSpace:
+    """Packs (ε_z, ε_x) into one flat vector per sample, so the shared samplers see a plain (n, D) tensor."""
+
+    def __init__(self, latent_shape: tuple[int, ...], data_shape: tuple[int, ...]):
+        self.latent_shape, self.data_shape = tuple(latent_shape), tuple(data_shape)
+        self.latent_dim = math.prod(self.latent_shape)
+        self.dim = self.latent_dim + math.prod(self.data_shape)
+
+    def pack(self, eps_z: torch.Tensor, eps_x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([eps_z.flatten(1), eps_x.flatten(1)], dim=1)
+
+    def unpack(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = eps.shape[0]
+        return (eps[:, :self.latent_dim].reshape(n, *self.latent_shape),
+                eps[:, self.latent_dim:].reshape(n, *self.data_shape))
+
+
+@register_method
+class Vaebm(Method):
+    name = "vaebm"
+    config_class = VaebmConfig
+    backbone_kind = "vae"
+
+    def __init__(self, cfg: VaebmConfig, spec: DataSpec, device):
+        super().__init__(cfg, spec, device)
+        cfg.validate()
+        if not cfg.backbone:
+            raise ValueError("vaebm needs method.backbone (the engine pretrains one and fills it in when empty)")
+        self.vae = load_backbone(cfg.backbone, "vae", spec.shape, self.device)
+        energy = build_energy(spec.shape, cfg.energy).to(self.device)
+        self.networks["energy"] = energy
+        self.optimizers["energy"] = cfg.optim.build(energy.parameters())
+        self.spectral = SpectralPenalty(energy)
+        self.space = NoiseSpace(self.vae.latent_shape, spec.shape)
+        s = cfg.sampler
+        self.buffer = ReplayBuffer(self.vae.latent_shape, self.device, capacity=s.buffer_size, reinit_prob=1.0) \
+            if s.buffer else None
+        self.iteration = 0
+
+    @classmethod
+    def backbone_method_config(cls, cfg: VaebmConfig) -> VaeConfig:
+        """Stage 1's method config when the engine pretrains the backbone."""
+        return VaeConfig(vae=cfg.vae, iw_samples=cfg.iw_samples, optim=OptimConfig(lr=cfg.pretrain.lr))
+
+    @property
+    def energy(self) -> torch.nn.Module:
+        return self.networks["energy"]
+
+    def noise_energy(self, eps: torch.Tensor) -> torch.Tensor:
+        """U(ε) = E(T(ε)) + ½‖ε‖²: the target's energy in noise space."""
+        eps_z, eps_x = self.space.unpack(eps)
+        x, _ = self.vae.transform(eps_z, eps_x)
+        return self.energy(x) + 0.5 * eps.pow(2).sum(dim=1)
+
+    def _langevin(self, eps0: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
+        s = self.cfg.sampler
+        return sample_langevin(self.noise_energy, eps0, steps=steps, step_size=s.step_size,
+                               noise_scale=s.noise_scale, callback=callback)
+
+    def to_data(self, eps: torch.Tensor) -> torch.Tensor:
+        eps_z, eps_x = self.space.unpack(eps)
+        with torch.no_grad():
+            return self.vae.transform(eps_z, eps_x)[0]
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg, s = self.cfg, self.cfg.sampler
+        x_pos = batch.to(self.device, non_blocking=True)
+        n = x_pos.shape[0]
+        self.iteration += 1
+        eps_x = torch.randn(n, *self.spec.shape, device=self.device)
+        if self.buffer is not None:
+            ramp = min(1.0, self.iteration / s.buffer_ramp_iters) if s.buffer_ramp_iters else 1.0
+            self.buffer.reinit_prob = 1.0 - s.buffer_max_prob * ramp
+            eps_z = self.buffer.init(n)
+        else:
+            eps_z = torch.randn(n, *self.vae.latent_shape, device=self.device)
+        ends = ChainEnds()
+        eps = self._langevin(self.space.pack(eps_z, eps_x), s.steps, callback=ends)
+        if self.buffer is not None:
+            self.buffer.update(self.space.unpack(eps)[0])
+        x_neg = self.to_data(eps)
+
+        energies = self.energy(torch.cat([x_pos, x_neg]))
+        e_pos, e_neg = energies[:n].mean(), energies[n:].mean()
+        loss_ml = e_pos - e_neg
+        loss = loss_ml
+        metrics = {}
+        if cfg.spectral_weight > 0:
+            loss_spectral = cfg.spectral_weight * self.spectral()
+            loss = loss + loss_spectral
+            metrics["loss/spectral"] = loss_spectral.detach()
+        grad_norm = self.optimizer_step(self.optimizers["energy"], loss, cfg.optim)
+        loss_ml = loss_ml.detach()
+        return {"loss": loss.detach(), "loss/ml": loss_ml, **metrics, "energy/pos": e_pos.detach(),
+                "energy/neg": e_neg.detach(), "energy_gap": loss_ml,
+                "chain/grad_norm_first": mean_grad_norm(ends.first), "chain/grad_norm_last": mean_grad_norm(ends.last),
+                "grad_norm": grad_norm}
+
+    def sample(self, n: int) -> torch.Tensor:
+        """Test-time chains: fresh ε ~ N(0, I), `sample_steps` Langevin steps, pushed through T."""
+        eps0 = torch.randn(n, self.space.dim, device=self.device)
+        return self.to_data(self._langevin(eps0, self.cfg.sampler.sample_steps))
+
+    def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"vaebm": log p_vae(x) − E(x), "vae": log p_vae(x)} — the VAE alone, for the comparison the paper
+        makes; log p_vae by the importance-weighted bound with `iw_samples` draws."""
+        x = x.to(self.device)
+        with torch.no_grad():
+            log_vae = self.vae.log_likelihood(x, samples=self.cfg.iw_samples)
+            return {"vaebm": log_vae - self.energy(x), "vae": log_vae}
+
+    def long_chains(self, chains: int, length: int) -> dict[str, torch.Tensor]:
+        """Langevin in ε-space from fresh noise, recorded as data-space points x = T(ε) at every step."""
+        states: list[torch.Tensor] = []
+        self._langevin(torch.randn(chains, self.space.dim, device=self.device), length,
+                       callback=lambda info: states.append(self.to_data(info["x"])))
+        return {"eps_langevin": torch.stack(states, dim=1)}
+
+    def extra_state(self) -> dict:
+        return {"iteration": self.iteration, "spectral": self.spectral.state_dict(),
+                "buffer": self.buffer.state_dict() if self.buffer is not None else {}}
+
+    def load_extra_state(self, state: dict) -> None:
+        if not state:
+            return
+        self.iteration = state.get("iteration", 0)
+        self.spectral.load_state_dict(state.get("spectral", {}))
+        if self.buffer is not None and state.get("buffer"):
+            self.buffer.load_state_dict(state["buffer"])
