@@ -3,6 +3,7 @@ loop doing the same math in the same process, plus trial start-up time (in-proce
 
     uv run python benchmarks/engine_overhead.py            # full (~5 minutes on 2 cores)
     uv run python benchmarks/engine_overhead.py --quick    # smoke run
+    uv run python benchmarks/engine_overhead.py --no-startup / --startup-only
 
 Why interleaved chunks: on a shared 2-core VM the same loop's speed drifts by ±20 % over seconds, far more
 than the 3 % being measured, so engine and bare runs timed one after the other cannot resolve it. Here the
@@ -150,8 +151,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="independent engine runs (fresh model, fresh process state)")
     ap.add_argument("--pairs", type=int, default=40, help="engine/bare chunk pairs per run (25 iterations each)")
     ap.add_argument("--no-startup", action="store_true", help="skip the trial start-up measurements")
+    ap.add_argument("--startup-only", action="store_true", help="only the trial start-up measurements")
     args = ap.parse_args()
     runs, pairs = (1, 6) if args.quick else (args.runs, args.pairs)
+    if args.startup_only:
+        runs = 0
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
@@ -167,12 +171,13 @@ def main() -> None:
             print(f"  run {r + 1}/{runs}: {len(ratios)} pairs, engine/bare median {run_medians[-1]:.3f} "
                   f"(pairs ranged {min(ratios):.3f}–{max(ratios):.3f}); bare {statistics.median(bare) * 1e3:.2f} "
                   f"ms/it, engine {statistics.median(engine) * 1e3:.2f} ms/it", flush=True)
-        overhead = statistics.median(run_medians) - 1
-        print(f"\nmle per-iteration ({runs} runs × {pairs} interleaved pairs of {LOG_EVERY} iterations, 1 thread):")
-        print(f"  bare PyTorch loop : {statistics.median(bare_all) * 1e3:.2f} ms (median chunk)")
-        print(f"  ebm_scale engine  : {statistics.median(engine_all) * 1e3:.2f} ms (median chunk)")
-        print(f"  engine overhead   : {overhead * 100:+.1f} % (median over runs of each run's median pair ratio; "
-              f"runs: {', '.join(f'{(m - 1) * 100:+.1f} %' for m in run_medians)})")
+        if runs:
+            overhead = statistics.median(run_medians) - 1
+            print(f"\nmle per-iteration ({runs} runs × {pairs} interleaved pairs of {LOG_EVERY} iterations, 1 thread):")
+            print(f"  bare PyTorch loop : {statistics.median(bare_all) * 1e3:.2f} ms (median chunk)")
+            print(f"  ebm_scale engine  : {statistics.median(engine_all) * 1e3:.2f} ms (median chunk)")
+            print(f"  engine overhead   : {overhead * 100:+.1f} % (median over runs of each run's median pair ratio;"
+                  f" runs: {', '.join(f'{(m - 1) * 100:+.1f} %' for m in run_medians)})")
         if args.no_startup:
             return
 

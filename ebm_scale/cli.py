@@ -1,6 +1,7 @@
 """`ebm-scale`: train | sweep | validate. Thin: compose the config, hand it to the engine, print the outcome.
 
   ebm-scale train method=mle data=8gaussians train.iterations=500     one run, recorded in MLflow
+  ebm-scale train vaebm_toy                                            one run with a named sweep's settings
   ebm-scale sweep quickstart search.num_samples=24                     a Tune + Optuna + ASHA sweep
   ebm-scale sweep sweeps/mle_toy.yaml --resume                         continue an interrupted sweep
   ebm-scale validate mle_toy method.sampler.step_size=-1               check a config, launch nothing
@@ -20,8 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ebm-scale", description="Train, sweep and compare energy-based models.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="one training run of one method (Hydra overrides: key=value ...)")
-    t.add_argument("overrides", nargs="*")
+    t = sub.add_parser("train", help="one training run: ebm-scale train [<sweep-name-or-path>] [key=value ...]")
+    t.add_argument("overrides", nargs="*", help="an optional named sweep / YAML path first (its settings, no "
+                   "search), then Hydra overrides")
     s = sub.add_parser("sweep", help="a hyperparameter sweep: ebm-scale sweep <name-or-path> [key=value ...]")
     s.add_argument("sweep")
     s.add_argument("overrides", nargs="*")
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cfg.method.name} on {cfg.data.name}; {time.perf_counter() - t0:.1f} s to check)")
             return 0
         if args.command == "train":
-            cfg = _compose(None, args.overrides)
+            # A first argument without '=' names a sweep whose settings to train with (its search is dropped).
+            name = args.overrides[0] if args.overrides and "=" not in args.overrides[0] else None
+            cfg = _compose(name, args.overrides[1:] if name else args.overrides)
             # One run: no search, no early stopping — the same engine path as a sweep's trial.
             cfg.search.space, cfg.search.num_samples = {}, 1
             cfg.search.scheduler.kind = "fifo"

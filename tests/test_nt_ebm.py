@@ -10,6 +10,7 @@ from ebm_scale.methods.backbone import backbone_state, save_backbone
 from ebm_scale.methods.nt_ebm import NtEbmConfig, NtEbmSamplerConfig
 from ebm_scale.nets.energy import EnergyNetConfig
 from ebm_scale.nets.flow import Flow, FlowConfig
+from method_checks import assert_continues_exactly
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
@@ -74,18 +75,5 @@ def test_long_chains_for_both_spaces_and_samples(tmp_path):
 
 def test_continues_exactly_from_its_state(tmp_path):
     cfg = small_config(flow_backbone(tmp_path))
-    torch.manual_seed(1)
-    a = build_method(cfg, SPEC, "cpu")
-    batches = [torch.randn(16, 2) for _ in range(4)]
-    for b in batches[:2]:
-        a.train_step(b)
-    state, extra, rng = copy.deepcopy(a.state_dict()), copy.deepcopy(a.extra_state()), torch.get_rng_state()
-    for b in batches[2:]:
-        out_a = a.train_step(b)
-    b_method = build_method(cfg, SPEC, "cpu")
-    b_method.load_state_dict(state)
-    b_method.load_extra_state(extra)
-    torch.set_rng_state(rng)
-    for b in batches[2:]:
-        out_b = b_method.train_step(b)
-    assert torch.equal(out_a["loss"], out_b["loss"]) and torch.equal(a.chains, b_method.chains)
+    a, b = assert_continues_exactly(lambda: build_method(cfg, SPEC, "cpu"), [torch.randn(16, 2) for _ in range(4)])
+    assert torch.equal(a.chains, b.chains)  # the persistent chains too

@@ -122,3 +122,62 @@ def test_cli_rejects_more_workers_than_the_cluster_has(capsys, tmp_path, monkeyp
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # rejected before the sweep's run was created
     exp = client.get_experiment_by_name("quickstart")
     assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+def test_two_stage_sweep_trains_the_backbone_once_and_every_trial_refers_to_it(tmp_path, monkeypatch):
+    from ebm_scale.engine import backbones
+    from ebm_scale.engine.tracking import BACKBONE_TAG
+
+    monkeypatch.setattr(backbones, "CACHE", tmp_path / "cache")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose("nt_ebm_toy", [
+        "name=two_stage", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs",
+        "method.flow.depth=2", "method.flow.hidden=16", "method.pretrain.iterations=20",
+        "method.energy.hidden=16", "method.energy.layers=3", "method.sampler.steps=2", "method.sampler.sample_steps=3",
+        "train.iterations=10", "train.eval_every=10", "train.log_every=5", "train.batch_size=64",
+        "eval.n_samples=100", "eval.grid_size=30", "eval.mcmc.chains=4", "eval.mcmc.length=20", "eval.mcmc.burn_in=5",
+        "search.num_samples=2", "search.scheduler.kind=fifo"])
+    lines: list[str] = []
+    result = run_sweep(cfg, printer=lines.append)
+    assert result.counts["finished"] == 2
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(result.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    sweeps = [r for r in runs if r.data.tags[KIND_TAG] == "sweep"]
+    trials = [r for r in runs if r.data.tags[KIND_TAG] == "trial"]
+    # One stage-1 sweep with its one flow trial, plus the nt_ebm sweep with its two trials, in one experiment.
+    assert sorted(r.info.run_name for r in sweeps) == ["sweep-two_stage", "sweep-two_stage_backbone"]
+    flow_trials = [r for r in trials if r.data.params["method.name"] == "flow"]
+    ebm_trials = [r for r in trials if r.data.params["method.name"] == "nt_ebm"]
+    assert len(flow_trials) == 1 and len(ebm_trials) == 2
+    reference = f"runs:/{flow_trials[0].info.run_id}/backbone"
+    assert [a.path for a in client.list_artifacts(flow_trials[0].info.run_id, "backbone")] == ["backbone/backbone.pt"]
+    assert client.get_run(result.parent_run_id).data.tags[BACKBONE_TAG] == reference
+    for run in ebm_trials:
+        assert run.data.tags[BACKBONE_TAG] == reference and run.data.params["method.backbone"] == reference
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        # The tilted model beside its flow, and the latent-vs-data mixing diagnostics, are in every trial.
+        assert {"eval/test_ll/nt_ebm", "eval/test_ll/flow", "eval/mcmc/latent/rhat_mean",
+                "eval/mcmc/data/rhat_mean"} <= set(run.data.metrics)
+        # HMC runs during training only for the mle objective (nce trains against flow samples).
+        assert ("train/mcmc/accept_rate" in run.data.metrics) == (run.data.params["method.objective"] == "mle")
+        plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/mcmc_rhat_000010.png", "plots/mcmc_autocorr_000010.png"} <= plots
+        assert ("plots/curves_000010.png" in plots) == (run.data.params["method.objective"] == "mle")
+    assert sum("training the flow backbone first" in line for line in lines) == 1
+
+
+def test_cli_rejects_a_backbone_of_the_wrong_kind_before_any_trial(capsys, tmp_path):
+    from ebm_scale.methods.backbone import backbone_state, save_backbone
+    from ebm_scale.nets.flow import Flow, FlowConfig
+
+    flow = Flow((2,), FlowConfig(depth=1, hidden=8))
+    path = save_backbone(str(tmp_path / "flow"), backbone_state("flow", (2,), flow.cfg, flow))
+    code = main(["train", "method=vaebm", f"method.backbone={path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                 f"storage.path={tmp_path}/runs"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "method.backbone" in err and "'flow' backbone" in err and "needs a 'vae'" in err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all(r.info.status == "FAILED" for r in runs)  # the sweep's run is closed, no trial started

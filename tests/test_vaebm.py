@@ -12,6 +12,7 @@ from ebm_scale.methods.vaebm import VaebmConfig, VaebmSamplerConfig
 from ebm_scale.nets.energy import EnergyNetConfig
 from ebm_scale.nets.vae import VAE, VAEConfig
 from ebm_scale.samplers import sample_langevin
+from method_checks import assert_continues_exactly
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 W = torch.tensor([[1.5], [-0.5]], dtype=torch.float64)
@@ -122,19 +123,4 @@ def test_replay_buffer_reuse_probability_ramps_linearly(tmp_path):
 
 def test_continues_exactly_from_its_state(tmp_path):
     cfg = small_config(small_vae_backbone(tmp_path), buffer=True, buffer_ramp_iters=3)
-    torch.manual_seed(1)
-    a = build_method(cfg, SPEC, "cpu")
-    batches = [torch.randn(16, 2) for _ in range(4)]
-    for b in batches[:2]:
-        a.train_step(b)
-    state, extra, rng = copy.deepcopy(a.state_dict()), copy.deepcopy(a.extra_state()), torch.get_rng_state()
-    for b in batches[2:]:
-        out_a = a.train_step(b)
-    b_method = build_method(cfg, SPEC, "cpu")
-    b_method.load_state_dict(state)
-    b_method.load_extra_state(extra)
-    torch.set_rng_state(rng)
-    for b in batches[2:]:
-        out_b = b_method.train_step(b)
-    assert torch.equal(out_a["loss"], out_b["loss"])
-    assert all(torch.equal(p, q) for p, q in zip(a.energy.parameters(), b_method.energy.parameters()))
+    a, b = assert_continues_exactly(lambda: build_method(cfg, SPEC, "cpu"), [torch.randn(16, 2) for _ in range(4)])
