@@ -101,10 +101,10 @@ class Method(abc.ABC):
         (methods.backbone.backbone_state). None for everything else."""
         return None
 
-    def long_chains(self, chains: int, length: int) -> dict[str, torch.Tensor]:
-        """MCMC methods: `chains` long runs of the method's own sampler from fresh starts, as data-space
-        traces (chains, length, dim), keyed by a label ("latent", "data", ...). Used for R̂,
-        autocorrelation and ESS at evaluation. {} where the method runs no Markov chain."""
+    def long_chains(self, chains: int, length: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """MCMC methods: `chains` long runs of the method's own sampler from fresh starts (their initial noise
+        scaled by `init_scale`), as data-space traces (chains, length, dim), keyed by a label ("latent",
+        "data", ...). Used for R̂, autocorrelation and ESS at evaluation. {} where the method runs no chain."""
         return {}
 
     def extra_state(self) -> dict:

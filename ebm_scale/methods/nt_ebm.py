@@ -193,13 +193,15 @@ class NtEbm(Method):
         log_q = self.flow.log_prob(x)
         return {"nt_ebm": log_q - self.energy(x), "flow": log_q}
 
-    def long_chains(self, chains: int, length: int) -> dict[str, torch.Tensor]:
+    def long_chains(self, chains: int, length: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """The paper's mixing contrast on the current model: HMC in latent space vs HMC in data space, both
-        from independent starts drawn from q_α, both recorded in data space."""
+        from the same independent starts (z, or x = g(z)), both recorded in data space."""
         traces = {}
+        z0 = init_scale * torch.randn(chains, *self.spec.shape, device=self.device)
         for space in SPACES:
             states: list[torch.Tensor] = []
-            self._hmc(self._fresh(chains, space), space, length, self.cfg.sampler.step_size,
+            start = self._to_data(z0, "latent") if space == "data" else z0  # the same points for both samplers
+            self._hmc(start, space, length, self.cfg.sampler.step_size,
                       callback=lambda info, space=space: states.append(self._to_data(info["x"], space)))
             traces[space] = torch.stack(states, dim=1)
         return traces

@@ -185,10 +185,10 @@ class Vaebm(Method):
             log_vae = self.vae.log_likelihood(x, samples=self.cfg.iw_samples)
             return {"vaebm": log_vae - self.energy(x), "vae": log_vae}
 
-    def long_chains(self, chains: int, length: int) -> dict[str, torch.Tensor]:
+    def long_chains(self, chains: int, length: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """Langevin in ε-space from fresh noise, recorded as data-space points x = T(ε) at every step."""
         states: list[torch.Tensor] = []
-        self._langevin(torch.randn(chains, self.space.dim, device=self.device), length,
+        self._langevin(init_scale * torch.randn(chains, self.space.dim, device=self.device), length,
                        callback=lambda info: states.append(self.to_data(info["x"])))
         return {"eps_langevin": torch.stack(states, dim=1)}
 

@@ -24,6 +24,10 @@ class McmcEvalConfig:
     max_lag: int = 200   # autocorrelation curve length
     max_dims: int = 64   # coordinates analysed (a fixed random subset beyond this: ESS on 3072-D traces takes minutes)
     when: str = "final"  # final (last evaluation only: long chains are expensive) | every | never
+    # Chains start from the method's own initial distribution with its noise scaled by this. R̂ assumes
+    # over-dispersed starts (Gelman & Rubin 1992; paper 002 A.6): from a start that already matches the
+    # target, chains that never leave their mode still give R̂ ≈ 1. 1 = the method's usual start.
+    init_scale: float = 1.0
 
     def validate(self, prefix: str = "eval.mcmc") -> None:
         require(self.chains >= 2, f"{prefix}.chains", f"R̂ needs >= 2 chains, got {self.chains}")
@@ -32,6 +36,7 @@ class McmcEvalConfig:
                 f"must be in [0, length - 2] = [0, {self.length - 2}], got {self.burn_in}")
         require(self.max_lag >= 1, f"{prefix}.max_lag", f"must be >= 1, got {self.max_lag}")
         require(self.max_dims >= 1, f"{prefix}.max_dims", f"must be >= 1, got {self.max_dims}")
+        require(self.init_scale > 0, f"{prefix}.init_scale", f"must be > 0, got {self.init_scale}")
         require(self.when in WHEN, f"{prefix}.when", f"unknown setting {self.when!r}", allowed=WHEN)
 
 
@@ -40,7 +45,7 @@ def evaluate_chains(method, cfg: McmcEvalConfig, out_dir: Path | str | None, ste
     """eval/mcmc/<label>/<statistic> metrics and the R̂, autocorrelation and trace PNGs."""
     if cfg.when == "never" or (cfg.when == "final" and not final):
         return {}, []
-    traces = method.long_chains(cfg.chains, cfg.length)
+    traces = method.long_chains(cfg.chains, cfg.length, cfg.init_scale)
     if not traces:
         return {}, []
     from ebm_scale.metrics import mcmc
