@@ -83,17 +83,17 @@ def small_vae_backbone(tmp_path) -> str:
     return save_backbone(str(tmp_path), backbone_state("vae", (2,), vae.cfg, vae))
 
 
-@pytest.mark.parametrize("spectral_weight", [0.0, 0.2])
-def test_train_step_reports_detached_finite_terms_and_never_touches_the_vae(tmp_path, spectral_weight):
+@pytest.mark.parametrize("spectral_weight, energy_reg", [(0.0, 0.0), (0.2, 0.1)])
+def test_train_step_reports_detached_finite_terms_and_never_touches_the_vae(tmp_path, spectral_weight, energy_reg):
     cfg = small_config(small_vae_backbone(tmp_path))
-    cfg.spectral_weight = spectral_weight
+    cfg.spectral_weight, cfg.energy_reg = spectral_weight, energy_reg
     method = build_method(cfg, SPEC, "cpu")
     vae_before = copy.deepcopy(method.vae.state_dict())
     out = method.train_step(torch.randn(32, 2))
-    assert ("loss/spectral" in out) == (spectral_weight > 0)
+    assert ("loss/spectral" in out) == (spectral_weight > 0) and ("loss/energy_reg" in out) == (energy_reg > 0)
     for key, value in out.items():
         assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), key
-    assert torch.allclose(out["loss"], out["loss/ml"] + out.get("loss/spectral", 0.0))
+    assert torch.allclose(out["loss"], out["loss/ml"] + out.get("loss/spectral", 0.0) + out.get("loss/energy_reg", 0.0))
     assert all(torch.equal(v, vae_before[k]) for k, v in method.vae.state_dict().items())
     assert set(method.optimizers["energy"].param_groups[0]["params"]) == set(method.energy.parameters())
 

@@ -58,6 +58,7 @@ class VaebmConfig:
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
     sampler: VaebmSamplerConfig = field(default_factory=VaebmSamplerConfig)
     spectral_weight: float = 0.2     # paper: 0.2
+    energy_reg: float = 0.0          # α·mean(E_pos² + E_neg²) (Du & Mordatch 2019; not in paper 003): keeps E bounded
     iw_samples: int = 100            # importance samples for log p_vae in log_density (paper's 2D table: 10k)
     # Paper / public code: Adam β = (0.99, 0.999), weight decay 3e-5, IGEBM elementwise clipping at 3 std.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
@@ -70,6 +71,7 @@ class VaebmConfig:
         self.energy.validate(f"{prefix}.energy")
         self.sampler.validate(f"{prefix}.sampler")
         require(self.spectral_weight >= 0, f"{prefix}.spectral_weight", f"must be >= 0, got {self.spectral_weight}")
+        require(self.energy_reg >= 0, f"{prefix}.energy_reg", f"must be >= 0, got {self.energy_reg}")
         require(self.iw_samples >= 1, f"{prefix}.iw_samples", f"must be >= 1, got {self.iw_samples}")
         self.optim.validate(f"{prefix}.optim")
 
@@ -161,6 +163,10 @@ class Vaebm(Method):
         loss_ml = e_pos - e_neg
         loss = loss_ml
         metrics = {}
+        if cfg.energy_reg > 0:
+            loss_reg = cfg.energy_reg * energies.pow(2).mean()
+            loss = loss + loss_reg
+            metrics["loss/energy_reg"] = loss_reg.detach()
         if cfg.spectral_weight > 0:
             loss_spectral = cfg.spectral_weight * self.spectral()
             loss = loss + loss_spectral
