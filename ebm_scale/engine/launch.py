@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ebm_scale.config import EbmScaleConfig, flatten, from_dictconfig, set_dotted, to_container
 from ebm_scale.engine import tracking
+from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
 from ebm_scale.engine.loop import train
 from ebm_scale.engine.state import load_state
 
@@ -96,8 +97,6 @@ def _tracker(ctx: TrialContext, run_id: str):
 
 def _localize_backbone(cfg: EbmScaleConfig, ctx: TrialContext) -> None:
     """Two-stage methods load their backbone from a local file: fetch the reference into this machine's cache."""
-    from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
-
     if backbone_kind(cfg) is not None:
         cfg.method.backbone = resolve_backbone(cfg.method.backbone, ctx.tracking_uri)
 
@@ -125,7 +124,7 @@ def run_trial(sampled: dict, base: dict, context: TrialContext) -> None:
     params = flatten(to_container(cfg))
     run_id = tracking.open_trial_run(context.tracking_uri, context.experiment_id, context.parent_run_id,
                                      trial_id, tune_ctx.get_trial_name(), params)
-    if getattr(cfg.method, "backbone", ""):
+    if backbone_kind(cfg) is not None:
         tracking._client(context.tracking_uri).set_tag(run_id, tracking.BACKBONE_TAG, cfg.method.backbone)
     if cfg.scaling.num_workers == 0:
         _localize_backbone(cfg, context)

@@ -54,11 +54,14 @@ def evaluate_chains(method, cfg: McmcEvalConfig, out_dir: Path | str | None, ste
     rhats, acfs = {}, {}
     kept = {label: _subset(t.detach().flatten(2).double().cpu()[:, cfg.burn_in:], cfg.max_dims)
             for label, t in traces.items()}
+    lags = (1, 10, 100)
     for label, t in kept.items():
-        summary = mcmc.mcmc_summary(t, burn_in=0, max_lags=(1, 10, 100))
-        metrics.update({f"eval/mcmc/{label}/{k}": float(v) for k, v in summary.items()})
+        # Each array once: the logged scalars and the pictures are both read off them.
         rhats[label] = mcmc.gelman_rubin(t)
-        acfs[label] = mcmc.autocorrelation(t, min(cfg.max_lag, t.shape[1] - 1))
+        acfs[label] = mcmc.autocorrelation(t, min(max(cfg.max_lag, *lags), t.shape[1] - 1))
+        summary = mcmc.summarize(t.shape, rhats[label], mcmc.effective_sample_size(t), acfs[label], lags)
+        metrics.update({f"eval/mcmc/{label}/{k}": v for k, v in summary.items()})
+        acfs[label] = acfs[label][:, :cfg.max_lag + 1]
     if out_dir is None or not plots:
         return metrics, []
     out = Path(out_dir)

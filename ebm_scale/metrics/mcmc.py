@@ -66,14 +66,19 @@ def mcmc_summary(traces, burn_in: int = 0, max_lags=(1, 10, 100)) -> dict[str, f
     ess_min, ess_per_draw (ess_mean / (m·n)), and autocorr_lag<k> (mean over chains and dimensions) for each k
     in max_lags that the trace is long enough to have."""
     x = _traces(traces, burn_in, min_chains=2)
-    m, n, _ = x.shape
-    rhat, ess = gelman_rubin(x), effective_sample_size(x)
+    lags = [k for k in max_lags if k < x.shape[1]]
+    acf = autocorrelation(x, max(lags)) if lags else None
+    return summarize(x.shape, gelman_rubin(x), effective_sample_size(x), acf, max_lags)
+
+
+def summarize(shape, rhat: np.ndarray, ess: np.ndarray, acf: np.ndarray | None, max_lags=(1, 10, 100)) -> dict[str, float]:
+    """mcmc_summary's scalars from already computed R̂ (d,), ESS (d,) and autocorrelation (m, L+1, d) of traces
+    of `shape` (m, n, d): callers that also plot the arrays compute each once."""
+    m, n = shape[0], shape[1]
     summary = {"rhat_mean": rhat.mean(), "rhat_max": rhat.max(), "rhat_converged": (rhat < RHAT_THRESHOLD).mean(),
                "ess_mean": ess.mean(), "ess_min": ess.min(), "ess_per_draw": ess.mean() / (m * n)}
-    lags = [k for k in max_lags if k < n]
-    if lags:
-        acf = autocorrelation(x, max(lags))
-        summary.update({f"autocorr_lag{k}": acf[:, k].mean() for k in lags})
+    if acf is not None:
+        summary.update({f"autocorr_lag{k}": acf[:, k].mean() for k in max_lags if k < min(n, acf.shape[1])})
     return {k: float(v) for k, v in summary.items()}
 
 
