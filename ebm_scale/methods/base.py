@@ -34,10 +34,16 @@ class DataSpec:
         return n
 
 
+OPTIMIZERS = ("adam", "prodigy")
+
+
 @dataclass
 class OptimConfig:
-    """Adam settings shared by every method's optimizers."""
+    """Optimizer settings shared by every method's optimizers."""
 
+    # adam | prodigy (Mishchenko & Defazio's learning-rate-free Adam, paper 004's choice). Prodigy estimates
+    # the step size itself; its lr is a multiplier on that estimate, and its authors recommend lr = 1.
+    kind: str = "adam"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -48,6 +54,9 @@ class OptimConfig:
     clip_elementwise_std: float = 0.0
 
     def validate(self, prefix: str) -> None:
+        require(self.kind in OPTIMIZERS, f"{prefix}.kind", f"unknown optimizer {self.kind!r}", OPTIMIZERS)
+        require(self.kind == "adam" or self.clip_elementwise_std == 0, f"{prefix}.clip_elementwise_std",
+                "elementwise clipping reads Adam's second moment: use it with kind=adam only")
         require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
         require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", f"each must be in [0, 1), got {self.betas}")
         require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -56,6 +65,10 @@ class OptimConfig:
                 f"must be >= 0 (0 = off), got {self.clip_elementwise_std}")
 
     def build(self, params) -> torch.optim.Optimizer:
+        if self.kind == "prodigy":
+            from prodigyopt import Prodigy  # imported only when chosen
+
+            return Prodigy(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
         return torch.optim.Adam(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
 
@@ -74,6 +87,9 @@ class Method(abc.ABC):
     backbone_kind: ClassVar[str | None] = None
     # Train metrics worth a picture over training (drawn at every evaluation), e.g. MCMC acceptance rate.
     curve_keys: ClassVar[tuple[str, ...]] = ()
+    # Network evaluations per generated sample, where the method has a fixed number (diffusion samplers:
+    # T generator steps, or the SDE's steps); logged as eval/nfe. None = not a fixed number.
+    nfe: int | None = None
 
     def __init__(self, cfg: Any, spec: DataSpec, device: torch.device):
         self.cfg = cfg

@@ -3,6 +3,7 @@ log-likelihood of each density it defines, and pictures of both."""
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,14 @@ def evaluate_toy(
     """
     cfg.validate()
     device = getattr(method, "device", torch.device("cpu"))
+    started = time.perf_counter()
     samples = method.sample(cfg.n_samples).detach()
+    if samples.device.type == "cuda":
+        torch.cuda.synchronize(samples.device)
     metrics = _sample_metrics(samples, data.test, cfg)
+    metrics["eval/sample_ms_per_sample"] = 1e3 * (time.perf_counter() - started) / cfg.n_samples
+    if getattr(method, "nfe", None) is not None:
+        metrics["eval/nfe"] = float(method.nfe)
 
     reports, grids = quadrature_log_likelihoods(method.log_density, data.test, data.spec.bounds, cfg.grid_size, device=device)
     for name, report in reports.items():
