@@ -19,6 +19,6 @@ def build_method(cfg, spec: DataSpec, device) -> Method:
 
 
 # Importing the modules registers them.
-from ebm_scale.methods import flow, mle, nt_ebm, vae, vaebm  # noqa: E402,F401
+from ebm_scale.methods import ddaebm, diffebm, flow, mle, nt_ebm, vae, vaebm  # noqa: E402,F401
 
 __all__ = ["METHODS", "DataSpec", "Method", "OptimConfig", "build_method", "register_method"]

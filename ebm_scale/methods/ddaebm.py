@@ -1,0 +1,257 @@
+"""`ddaebm`: Denoising Diffusion Adversarial EBM (METHODS.md §2, paper 001).
+
+A T-step VP diffusion; at each step a conditional EBM p_θ(x_{t−1} | x_t) ∝ exp(−E_θ(x_{t−1}, t−1))·q(x_t | x_{t−1})
+is matched adversarially by a generator distribution p_φ(x_{t−1} | x_t) = ∫ p(z) q(x_{t−1} | x_t, G_φ(x_t, z, t)) dz.
+No MCMC anywhere: sampling is T generator steps (NFE = T) and the density is exp(−E_θ(x, 0)).
+
+Paper 001 writes the *negative* energy (density ∝ exp(E)); this code uses density ∝ exp(−E) like every
+other method here, so every E in the paper's equations appears here with its sign flipped.
+
+One iteration, t ~ U{1..T}, real pairs (x_{t−1}, x_t) ~ q:
+  generator + encoder (φ, ψ):  L1 + w_L2·λ(t−1)·L2                              (eq. 17 and 19)
+      L1 = E(x̃, t−1) − log q(x_t | x̃) − log q_ψ(z | x̃, x_t, t),  x̃ ~ p_φ(· | x_t) with its z
+      L2 = KL(q_ψ(z | x_{t−1}, x_t, t) ‖ N(0, I)) − log q(x_{t−1} | x_t, x_0 = G(x_t, z, t)),  z ~ q_ψ
+  energy (θ):  E(x_{t−1}, t−1) − w_fake·E(sg[x̃], t−1) + γ/2·‖∇_{x_{t−1}}[E(x_{t−1}, t−1) − log q(x_t | x_{t−1})]‖²
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ebm_scale.diffusion import TIME_SCHEDULES, DiscreteVPSchedule
+from ebm_scale.errors import require
+from ebm_scale.methods import register_method
+from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_encoder, build_generator, build_time_energy
+
+TERMINAL_STARTS = ("auto", "gaussian", "data")
+
+
+@dataclass
+class DiffusionChainConfig:
+    steps: int = 4                      # T (paper: 4; T = 1 is the unstable ablation)
+    beta_min: float = 0.1
+    beta_max: float = 20.0              # paper: (0.1, 20) for images, (0.1, 10) MNIST
+    time_schedule: str = "equidistant"  # equidistant | drl
+    # Where sampling starts. q(x_T) is only ≈ N(0, I) when the β range is wide enough for the data's scale
+    # (METHODS.md §2). auto: N(0, I) if the measured bound on KL(q(x_T) ‖ N(0, I)) is below `terminal_kl_tol`
+    # nats, else the true marginal, √ᾱ_T·x_0 + √(1 − ᾱ_T)·ε with x_0 from a pool of seen training points.
+    terminal: str = "auto"
+    terminal_kl_tol: float = 0.05
+    terminal_pool: int = 4096           # training points kept for the `data` start
+
+    def validate(self, prefix: str) -> None:
+        require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        require(self.beta_min > 0, f"{prefix}.beta_min", f"must be > 0, got {self.beta_min}")
+        require(self.beta_max >= self.beta_min, f"{prefix}.beta_max",
+                f"must be >= beta_min ({self.beta_min}), got {self.beta_max}")
+        require(self.time_schedule in TIME_SCHEDULES, f"{prefix}.time_schedule",
+                f"unknown time schedule {self.time_schedule!r}", TIME_SCHEDULES)
+        require(self.time_schedule != "drl" or 2 <= self.steps <= 500, f"{prefix}.steps",
+                f"the drl time schedule needs 2 <= steps <= 500, got {self.steps}")
+        require(self.terminal in TERMINAL_STARTS, f"{prefix}.terminal", f"unknown start {self.terminal!r}",
+                TERMINAL_STARTS)
+        require(self.terminal_kl_tol > 0, f"{prefix}.terminal_kl_tol", f"must be > 0, got {self.terminal_kl_tol}")
+        require(self.terminal_pool >= 1, f"{prefix}.terminal_pool", f"must be >= 1, got {self.terminal_pool}")
+
+    def build(self, device) -> DiscreteVPSchedule:
+        return DiscreteVPSchedule(self.steps, self.beta_min, self.beta_max, self.time_schedule, device)
+
+
+@dataclass
+class DdaebmConfig:
+    name: str = "ddaebm"
+    diffusion: DiffusionChainConfig = field(default_factory=DiffusionChainConfig)
+    net: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)  # energy, generator and encoder
+    latent_dim: int = 2                 # d of z; 0 = the "no latent z" ablation (deterministic G)
+    gradient_penalty: float = 0.02      # γ (public code's value)
+    fake_weight: float = 1.0            # weight of the generated term in the energy loss (paper's NICE run: 0.1)
+    reverse_kl_weight: float = 1.0      # weight of L2; 0 = the "KL only" ablation
+    encoder_term: bool = True           # −log q_ψ(z | …) in L1; false = the "no encoder term" ablation
+    w: float = 1.0                      # λ(t−1) = w·t'(t)^{log_½(w_mid/w)} (eq. 21)
+    w_mid: float = 1.0
+    # log q(x_{t−1} | x_t, x_0) in L2 uses max(β̃_t, floor): at t = 1 the posterior is a point mass (β̃_1 = 0).
+    posterior_var_floor: float = 1e-4
+    ema_decay: float = 0.999            # generator EMA used for sampling; 0 = off (paper: 0.9999 on CIFAR-10)
+    optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
+    optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
+
+    def validate(self, prefix: str = "method") -> None:
+        require(self.name == "ddaebm", f"{prefix}.name", f"DdaebmConfig belongs to method 'ddaebm', got {self.name!r}")
+        self.diffusion.validate(f"{prefix}.diffusion")
+        self.net.validate(f"{prefix}.net")
+        require(self.latent_dim >= 0, f"{prefix}.latent_dim", f"must be >= 0, got {self.latent_dim}")
+        for key in ("gradient_penalty", "fake_weight", "reverse_kl_weight"):
+            require(getattr(self, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        require(self.w > 0, f"{prefix}.w", f"must be > 0, got {self.w}")
+        require(self.w_mid > 0, f"{prefix}.w_mid", f"must be > 0, got {self.w_mid}")
+        require(self.posterior_var_floor > 0, f"{prefix}.posterior_var_floor",
+                f"must be > 0, got {self.posterior_var_floor}")
+        require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        self.optim_energy.validate(f"{prefix}.optim_energy")
+        self.optim_generator.validate(f"{prefix}.optim_generator")
+
+
+def _gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    return (-0.5 * ((z - mean) ** 2 * torch.exp(-log_var) + log_var + math.log(2 * math.pi))).sum(1)
+
+
+@register_method
+class Ddaebm(Method):
+    name = "ddaebm"
+    config_class = DdaebmConfig
+
+    def __init__(self, cfg: DdaebmConfig, spec: DataSpec, device):
+        super().__init__(cfg, spec, device)
+        cfg.validate()
+        self.schedule = cfg.diffusion.build(self.device)
+        shape, d = spec.shape, cfg.latent_dim
+        self.networks["energy"] = build_time_energy(shape, cfg.net, "method.net").to(self.device)
+        self.networks["generator"] = build_generator(shape, d, cfg.net, "method.net").to(self.device)
+        generator_params = list(self.networks["generator"].parameters())
+        if d > 0:  # without z the generator's distribution is a known Gaussian: no encoder needed
+            self.networks["encoder"] = build_encoder(shape, d, cfg.net, "method.net").to(self.device)
+            generator_params += list(self.networks["encoder"].parameters())
+        if cfg.ema_decay > 0:
+            self.networks["generator_ema"] = copy.deepcopy(self.networks["generator"]).requires_grad_(False)
+        self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
+        self.optimizers["generator"] = cfg.optim_generator.build(generator_params)
+        # Decided on the first batch (terminal="auto" measures the data), then kept: see DiffusionChainConfig.
+        self.start_from_data: bool | None = None if cfg.diffusion.terminal == "auto" else cfg.diffusion.terminal == "data"
+        self.terminal_kl = torch.tensor(float("nan"))
+        self.pool = torch.empty(0, *shape, device=self.device)
+        self.pool_seen = 0
+        self.ema_updates = 0
+
+    @property
+    def nfe(self) -> int:
+        return self.cfg.diffusion.steps
+
+    # --- training ----------------------------------------------------------------------------------
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg, sched = self.cfg, self.schedule
+        x0 = batch.to(self.device, non_blocking=True)
+        self._remember(x0)
+        n = x0.shape[0]
+        t = torch.randint(1, cfg.diffusion.steps + 1, (n,), device=self.device)
+        x_prev, x_t = sched.sample_pair(x0, t)
+        energy, generator = self.networks["energy"], self.networks["generator"]
+
+        # Generator + encoder: the energy is a fixed critic here, so its parameters take no gradient.
+        energy.requires_grad_(False)
+        z = torch.randn(n, cfg.latent_dim, device=self.device)
+        x_fake = sched.posterior_sample(generator(x_t, z, t), x_t, t)
+        l1 = energy(x_fake, t - 1) - sched.log_q_step(x_t, x_fake, t)
+        metrics: dict[str, torch.Tensor] = {}
+        if cfg.encoder_term and cfg.latent_dim > 0:
+            # −log q_ψ(z | x̃, x_t): the variational bound on the generator's conditional entropy (eq. 16)
+            mean, log_var = self.networks["encoder"](x_fake, x_t, t)
+            l1 = l1 - _gaussian_log_prob(z, mean, log_var)
+        loss_g = l1.mean()
+        if cfg.reverse_kl_weight > 0:
+            l2 = self._reverse_kl_bound(x_prev, x_t, t, metrics)
+            weight = sched.importance_weight(t, cfg.w, cfg.w_mid)
+            loss_g = loss_g + cfg.reverse_kl_weight * (weight * l2).mean()
+            metrics["loss/l2"] = l2.mean().detach()
+        grad_norm_g = self.optimizer_step(self.optimizers["generator"], loss_g, cfg.optim_generator)
+        energy.requires_grad_(True)
+        self._update_ema()
+
+        # Energy: real pairs down, generated ones up, gradient penalty on the real x_{t−1} (eq. 22–23).
+        x_real = x_prev.detach().requires_grad_(True)
+        e_real = energy(x_real, t - 1)
+        e_fake = energy(x_fake.detach(), t - 1)
+        loss_e = e_real.mean() - cfg.fake_weight * e_fake.mean()
+        if cfg.gradient_penalty > 0:
+            conditional = e_real - sched.log_q_step(x_t, x_real, t)  # −log of p_θ(x_{t−1} | x_t)'s numerator
+            (grad,) = torch.autograd.grad(conditional.sum(), x_real, create_graph=True)
+            penalty = 0.5 * cfg.gradient_penalty * grad.flatten(1).pow(2).sum(1).mean()
+            loss_e = loss_e + penalty
+            metrics["gradient_penalty"] = penalty.detach()
+        grad_norm_e = self.optimizer_step(self.optimizers["energy"], loss_e, cfg.optim_energy)
+
+        gap = (e_real.mean() - e_fake.mean()).detach()
+        return {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/generator": loss_g.detach(),
+                "loss/l1": l1.mean().detach(), **metrics, "energy/real": e_real.mean().detach(),
+                "energy/fake": e_fake.mean().detach(), "energy_gap": gap, "grad_norm/energy": grad_norm_e,
+                "grad_norm/generator": grad_norm_g, "terminal_kl_bound": self.terminal_kl}
+
+    def _reverse_kl_bound(self, x_prev, x_t, t, metrics) -> torch.Tensor:
+        """L2 per sample (eq. 19) on real pairs: the negative ELBO of x_{t−1} under p_φ(· | x_t)."""
+        cfg = self.cfg
+        if cfg.latent_dim > 0:
+            mean, log_var = self.networks["encoder"](x_prev, x_t, t)
+            z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+            kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+            metrics["encoder/kl"] = kl.mean().detach()
+        else:
+            z, kl = torch.empty(len(x_t), 0, device=self.device), 0.0
+        x0_hat = self.networks["generator"](x_t, z, t)
+        return kl - self.schedule.posterior_log_prob(x_prev, x0_hat, x_t, t, cfg.posterior_var_floor)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if "generator_ema" not in self.networks:
+            return
+        ema, live = self.networks["generator_ema"], self.networks["generator"]
+        # The usual warm-up (decay ≤ (1+k)/(10+k)): an average that starts at the random init would otherwise
+        # keep ~e^{-k(1−decay)} of it for thousands of steps, which a short toy run never outgrows.
+        self.ema_updates += 1
+        decay = min(self.cfg.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+        torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - decay)
+        for b_ema, b in zip(ema.buffers(), live.buffers()):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def _remember(self, x0: torch.Tensor) -> None:
+        """Decide the sampler's start on the first batch; keep a reservoir of training points if it needs them."""
+        if self.start_from_data is None or not torch.isfinite(self.terminal_kl):
+            self.terminal_kl = torch.tensor(self.schedule.terminal_kl_bound(x0))
+            if self.start_from_data is None:
+                self.start_from_data = bool(self.terminal_kl > self.cfg.diffusion.terminal_kl_tol)
+        if not self.start_from_data:
+            return
+        room = self.cfg.diffusion.terminal_pool - len(self.pool)
+        if room > 0:
+            self.pool = torch.cat([self.pool, x0[:room]])
+        else:  # reservoir sampling: every point seen so far is equally likely to be in the pool
+            keep = torch.randint(0, self.pool_seen + 1, (len(x0),), device=self.device)
+            replace = keep < len(self.pool)
+            self.pool[keep[replace]] = x0[replace]
+        self.pool_seen += len(x0)
+
+    # --- sampling and density ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        generator = self.networks.get("generator_ema", self.networks["generator"])
+        sched, steps = self.schedule, self.cfg.diffusion.steps
+        x = torch.randn(n, *self.spec.shape, device=self.device)
+        if self.start_from_data:
+            require(len(self.pool) > 0, "method.diffusion.terminal", "the data start needs training batches first")
+            x0 = self.pool[torch.randint(len(self.pool), (n,), device=self.device)]
+            x = sched.q_sample(x0, torch.full((n,), steps, device=self.device), x)
+        for step in range(steps, 0, -1):
+            t = torch.full((n,), step, device=self.device)
+            z = torch.randn(n, self.cfg.latent_dim, device=self.device)
+            x = sched.posterior_sample(generator(x, z, t), x, t)
+        return x
+
+    def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.to(self.device)
+        return {"ebm": -self.networks["energy"](x, torch.zeros(len(x), dtype=torch.long, device=self.device))}
+
+    def extra_state(self) -> dict:
+        return {"start_from_data": self.start_from_data, "terminal_kl": self.terminal_kl, "pool": self.pool,
+                "pool_seen": self.pool_seen, "ema_updates": self.ema_updates}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.start_from_data = state["start_from_data"]
+            self.terminal_kl = state["terminal_kl"]
+            self.pool = state["pool"].to(self.device)
+            self.pool_seen = state["pool_seen"]
+            self.ema_updates = state["ema_updates"]

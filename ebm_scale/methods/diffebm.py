@@ -1,0 +1,173 @@
+"""`diffebm`: an EBM trained jointly with a diffusion sampler, no MCMC (METHODS.md §5, paper 004).
+
+A control u_φ(x, t) defines the generative SDE from the prior N(0, I) to data (diffusion/sde.py); an energy
+E_θ(x) defines the model density ∝ exp(−E_θ). One iteration, on a batch of n paths simulated with the
+current control *detached* (no backpropagation through the solver):
+
+  control (φ):  (1 − η)·DSM(φ) + η·Var_paths[A_φ + log p_prior(Y_0) + sg[E_θ(Y_1)]] / dim
+  energy (θ):   (1 − α)·(mean E_θ(x_data) − mean E_θ(Y_1)) + α·Var_paths[sg[A] + log p_prior(Y_0) + E_θ(Y_1)] / dim
+
+with A = Σ u·(u_ref − ½u)·Δs + u·ΔW the running cost of the log Radon–Nikodym derivative (diffusion/losses.py).
+Both log-variance terms use the same path; the energy's negatives Y_1 are that path's end points, drawn from
+the control as it was at the start of the iteration (one optimizer step stale), which saves simulating twice.
+A step whose loss is not finite is skipped (paper 004) and counted in `skipped/control`, `skipped/energy`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ebm_scale.diffusion import VPSDE, denoising_score_matching, log_variance, path_log_rnd, running_cost, simulate_generative
+from ebm_scale.errors import require
+from ebm_scale.methods import register_method
+from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_control
+from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
+
+
+MAX_CONSECUTIVE_SKIPS = 50  # skipped iterations in a row before the run is reported as diverged
+
+
+@dataclass
+class DiffebmSdeConfig:
+    beta_min: float = 0.1               # paper: β(t) = β_min + t(β_max − β_min), (0.1, 10) for every problem
+    beta_max: float = 10.0
+    steps: int = 100                    # Euler–Maruyama steps of the training paths
+    sample_steps: int | None = None     # steps of sample(n) (its NFE); None = steps
+    t_min: float = 1e-3                 # DSM draws t ~ U(t_min, 1): the data score is singular at t = 0
+
+    def validate(self, prefix: str) -> None:
+        require(self.beta_min > 0, f"{prefix}.beta_min", f"must be > 0, got {self.beta_min}")
+        require(self.beta_max >= self.beta_min, f"{prefix}.beta_max",
+                f"must be >= beta_min ({self.beta_min}), got {self.beta_max}")
+        require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        require(self.sample_steps is None or self.sample_steps >= 1, f"{prefix}.sample_steps",
+                f"must be >= 1 or null (= steps), got {self.sample_steps}")
+        require(0 < self.t_min < 1, f"{prefix}.t_min", f"must be in (0, 1), got {self.t_min}")
+
+
+@dataclass
+class DiffebmConfig:
+    name: str = "diffebm"
+    sde: DiffebmSdeConfig = field(default_factory=DiffebmSdeConfig)
+    # Paper: "three 1×1-conv layers with SiLU" applied per point = a 3-layer MLP.
+    energy: MLPConfig = field(default_factory=lambda: MLPConfig(hidden=128, layers=3, activation="silu"))
+    # Paper: a Fourier-feature MLP (Zhang & Chen's PIS) — random Fourier features of t, an MLP on (x, t).
+    control: DiffusionNetConfig = field(default_factory=lambda: DiffusionNetConfig(
+        hidden=128, layers=3, activation="silu", embedding="fourier", embed_dim=64))
+    eta: float = 0.5                    # control: (1 − η)·DSM + η·log-variance
+    alpha: float = 0.5                  # energy: (1 − α)·MLE + α·log-variance
+    optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+    optim_control: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+
+    def validate(self, prefix: str = "method") -> None:
+        require(self.name == "diffebm", f"{prefix}.name",
+                f"DiffebmConfig belongs to method 'diffebm', got {self.name!r}")
+        self.sde.validate(f"{prefix}.sde")
+        self.energy.validate(f"{prefix}.energy")
+        self.control.validate(f"{prefix}.control")
+        require(0 <= self.eta <= 1, f"{prefix}.eta", f"must be in [0, 1], got {self.eta}")
+        require(0 <= self.alpha <= 1, f"{prefix}.alpha", f"must be in [0, 1], got {self.alpha}")
+        self.optim_energy.validate(f"{prefix}.optim_energy")
+        self.optim_control.validate(f"{prefix}.optim_control")
+
+
+@register_method
+class Diffebm(Method):
+    name = "diffebm"
+    config_class = DiffebmConfig
+
+    def __init__(self, cfg: DiffebmConfig, spec: DataSpec, device):
+        super().__init__(cfg, spec, device)
+        cfg.validate()
+        self.sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max)
+        self.networks["energy"] = EnergyMLP(spec.dim, cfg.energy).to(self.device)
+        self.networks["control"] = build_control(spec.shape, cfg.control, "method.control").to(self.device)
+        self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
+        self.optimizers["control"] = cfg.optim_control.build(self.networks["control"].parameters())
+        self.skipped = {"control": torch.zeros((), device=self.device), "energy": torch.zeros((), device=self.device)}
+        self.consecutive_skips = 0
+
+    @property
+    def nfe(self) -> int:
+        return self.cfg.sde.sample_steps or self.cfg.sde.steps
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg, sde = self.cfg, self.sde
+        energy, control = self.networks["energy"], self.networks["control"]
+        x_data = batch.to(self.device, non_blocking=True)
+        n, dim = x_data.shape[0], self.spec.dim
+        path = simulate_generative(sde, control, sde.prior_sample((n, *self.spec.shape), device=self.device),
+                                   steps=cfg.sde.steps, keep_path=True)
+        start, end = path.xs[0], path.xs[-1]
+        log_prior = sde.prior_log_prob(start)
+        metrics: dict[str, torch.Tensor] = {}
+
+        # --- control: fit the data (DSM) and the current energy (log-variance against sg[E]) ---------------
+        loss_c = torch.zeros((), device=self.device)
+        if cfg.eta < 1:
+            dsm = denoising_score_matching(sde, control, x_data, cfg.sde.t_min)
+            loss_c = loss_c + (1 - cfg.eta) * dsm
+            metrics["loss/dsm"] = dsm.detach()
+        running = None
+        if cfg.eta > 0 or cfg.alpha > 0:
+            with torch.set_grad_enabled(cfg.eta > 0):
+                running = running_cost(control, path)
+        if cfg.eta > 0:
+            with torch.no_grad():
+                e_end = energy(end)
+            lv_c = log_variance(path_log_rnd(running, log_prior, -e_end)) / dim
+            loss_c = loss_c + cfg.eta * lv_c
+            metrics["loss/lv_control"] = lv_c.detach()
+        grad_norm_c = self._step_if_finite("control", loss_c, cfg.optim_control)
+
+        # --- energy: MLE against the generated samples + log-variance against sg[A] ----------------------
+        e_pos, e_neg = energy(x_data), energy(end)
+        mle = e_pos.mean() - e_neg.mean()
+        loss_e = (1 - cfg.alpha) * mle
+        if cfg.alpha > 0:
+            lv_e = log_variance(path_log_rnd(running.detach(), log_prior, -e_neg)) / dim
+            loss_e = loss_e + cfg.alpha * lv_e
+            metrics["loss/lv_energy"] = lv_e.detach()
+        grad_norm_e = self._step_if_finite("energy", loss_e, cfg.optim_energy)
+
+        out = {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/control": loss_c.detach(),
+               "loss/mle": mle.detach(), **metrics, "energy/pos": e_pos.mean().detach(),
+               "energy/neg": e_neg.mean().detach(), "energy_gap": mle.detach(),
+               "grad_norm/energy": grad_norm_e, "grad_norm/control": grad_norm_c,
+               "skipped/control": self.skipped["control"], "skipped/energy": self.skipped["energy"]}
+        if grad_norm_c is None or grad_norm_e is None:
+            # A skipped step reports only its finite values, so one bad path is not mistaken for divergence;
+            # a run that keeps skipping is diverged, and then its NaNs go through.
+            self.consecutive_skips += 1
+            if self.consecutive_skips < MAX_CONSECUTIVE_SKIPS:
+                out = {k: v for k, v in out.items() if v is not None and bool(torch.isfinite(v))}
+        else:
+            self.consecutive_skips = 0
+        return {k: (torch.full((), float("nan"), device=self.device) if v is None else v) for k, v in out.items()}
+
+    def _step_if_finite(self, which: str, loss: torch.Tensor, settings: OptimConfig) -> torch.Tensor | None:
+        """One optimizer step, or none (→ None) when the loss is not finite: paper 004 skips such steps so an
+        overflowing path cannot poison the weights. The check syncs the host once per network per
+        iteration, negligible next to simulating the paths."""
+        if not torch.isfinite(loss):
+            self.skipped[which] = self.skipped[which] + 1
+            return None
+        return self.optimizer_step(self.optimizers[which], loss, settings)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        x_start = self.sde.prior_sample((n, *self.spec.shape), device=self.device)
+        return simulate_generative(self.sde, self.networks["control"], x_start, steps=self.nfe)
+
+    def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"ebm": -self.networks["energy"](x.to(self.device))}
+
+    def extra_state(self) -> dict:
+        return {"skipped": dict(self.skipped), "consecutive_skips": self.consecutive_skips}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.skipped = dict(state["skipped"])
+            self.consecutive_skips = state["consecutive_skips"]

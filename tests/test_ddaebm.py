@@ -1,0 +1,126 @@
+"""`ddaebm`: one adversarial step, the paper's ablation switches, T-step sampling (NFE = T), the terminal
+marginal check, images through the U-Net nets, and exact continuation."""
+import pytest
+import torch
+
+from ebm_scale.errors import ConfigError
+from ebm_scale.methods import DataSpec, build_method
+from ebm_scale.methods.ddaebm import DdaebmConfig, DiffusionChainConfig
+from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
+from method_checks import assert_continues_exactly
+
+SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
+
+
+def small_config(**overrides) -> DdaebmConfig:
+    cfg = DdaebmConfig(net=DiffusionNetConfig(hidden=16, layers=3, embed_dim=8),
+                       diffusion=DiffusionChainConfig(steps=3, beta_min=0.1, beta_max=20.0))
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_step_trains_all_three_networks_and_reports_each_term():
+    torch.manual_seed(0)
+    method = build_method(small_config(), SPEC, "cpu")
+    before = {k: params(method.networks[k]) for k in ("energy", "generator", "encoder")}
+    out = method.train_step(torch.randn(32, 2))
+    for key, value in out.items():
+        assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), key
+    assert {"loss/energy", "loss/generator", "loss/l1", "loss/l2", "encoder/kl", "gradient_penalty",
+            "energy/real", "energy/fake", "energy_gap"} <= set(out)
+    for name, old in before.items():
+        assert any(not torch.equal(a, b) for a, b in zip(old, method.networks[name].parameters())), name
+    assert all(p.requires_grad for p in method.networks["energy"].parameters())  # unfrozen after the G step
+
+
+@pytest.mark.parametrize("ablation,missing", [
+    ({"latent_dim": 0}, {"encoder/kl"}),              # no latent z: deterministic G, no encoder at all
+    ({"reverse_kl_weight": 0.0}, {"loss/l2", "encoder/kl"}),   # KL only
+    ({"encoder_term": False}, set()),                 # no encoder term in L1
+    ({"gradient_penalty": 0.0}, {"gradient_penalty"}),
+])
+def test_ablations_run(ablation, missing):
+    torch.manual_seed(0)
+    method = build_method(small_config(**ablation), SPEC, "cpu")
+    out = method.train_step(torch.randn(16, 2))
+    assert not (missing & set(out)) and all(torch.isfinite(v) for v in out.values())
+    if ablation.get("latent_dim") == 0:
+        assert "encoder" not in method.networks
+
+
+def test_encoder_term_enters_the_generator_loss():
+    """L1 with and without −log q_ψ(z | x̃, x_t) differ for the same draws."""
+    losses = []
+    for term in (True, False):
+        torch.manual_seed(0)
+        method = build_method(small_config(encoder_term=term, reverse_kl_weight=0.0), SPEC, "cpu")
+        losses.append(method.train_step(torch.randn(16, 2))["loss/l1"])
+    assert not torch.equal(*losses)
+
+
+def test_sampling_takes_T_generator_steps_with_the_ema_generator():
+    torch.manual_seed(0)
+    method = build_method(small_config(), SPEC, "cpu")
+    for _ in range(3):
+        method.train_step(torch.randn(16, 2))
+    ema, live = method.networks["generator_ema"], method.networks["generator"]
+    assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), live.parameters()))
+    calls = {"ema": 0, "live": 0}
+    ema.register_forward_hook(lambda *_: calls.__setitem__("ema", calls["ema"] + 1))
+    live.register_forward_hook(lambda *_: calls.__setitem__("live", calls["live"] + 1))
+    x = method.sample(7)
+    assert x.shape == (7, 2) and calls == {"ema": 3, "live": 0} and method.nfe == 3
+    assert torch.allclose(method.log_density(x)["ebm"],
+                          -method.networks["energy"](x, torch.zeros(7, dtype=torch.long)))
+
+
+def test_terminal_start_follows_the_measured_marginal():
+    """Far-out data and a narrow β range: q(x_T) is not N(0, I), so `auto` starts from the diffused data; a
+    wide range reaches N(0, I) and `auto` keeps the Gaussian start."""
+    far = torch.full((64, 2), 4.0) + 0.1 * torch.randn(64, 2)
+    narrow = build_method(small_config(diffusion=DiffusionChainConfig(steps=3, beta_max=2.0)), SPEC, "cpu")
+    out = narrow.train_step(far)
+    assert narrow.start_from_data and out["terminal_kl_bound"] > 1.0
+    starts = []  # x_T, the first generator input of a sampling run
+    narrow.networks["generator_ema"].register_forward_pre_hook(lambda _, args: starts.append(args[0]))
+    narrow.sample(2000)
+    a = float(narrow.schedule.alpha_bar[-1])
+    assert abs(float(starts[0].mean()) - 4.0 * a ** 0.5) < 0.1  # √ᾱ_T·x_0 of the data, not N(0, I)'s 0
+    wide = build_method(small_config(), SPEC, "cpu")
+    assert float(wide.train_step(far)["terminal_kl_bound"]) < 0.05 and not wide.start_from_data
+    forced = build_method(small_config(diffusion=DiffusionChainConfig(steps=3, beta_max=2.0, terminal="gaussian")),
+                          SPEC, "cpu")
+    forced.train_step(far)
+    assert not forced.start_from_data
+
+
+def test_images_through_the_unet_nets():
+    torch.manual_seed(0)
+    cfg = small_config(net=DiffusionNetConfig(arch="unet", channels=8, channel_mults=(1, 2), embed_dim=8,
+                                              activation="swish"))
+    method = build_method(cfg, DataSpec(shape=(1, 8, 8), kind="image"), "cpu")
+    out = method.train_step(torch.randn(4, 1, 8, 8))
+    assert all(torch.isfinite(v) for v in out.values())
+    assert method.sample(2).shape == (2, 1, 8, 8)
+
+
+def test_continues_exactly():
+    torch.manual_seed(2)
+    batches = [torch.randn(16, 2) for _ in range(4)]
+    assert_continues_exactly(lambda: build_method(small_config(), SPEC, "cpu"), batches)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="method.diffusion.beta_max"):
+        small_config(diffusion=DiffusionChainConfig(beta_min=1.0, beta_max=0.5)).validate()
+    with pytest.raises(ConfigError, match="method.diffusion.steps"):
+        small_config(diffusion=DiffusionChainConfig(steps=1, time_schedule="drl")).validate()
+    with pytest.raises(ConfigError, match="method.ema_decay"):
+        small_config(ema_decay=1.0).validate()
+    with pytest.raises(ConfigError, match="method.net.arch"):
+        build_method(small_config(net=DiffusionNetConfig(arch="unet")), SPEC, "cpu")

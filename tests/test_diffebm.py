@@ -1,0 +1,108 @@
+"""`diffebm`: the joint control/energy step, its ablations (η, α), skipping of non-finite steps, sampling
+cost, Prodigy, and exact continuation."""
+import pytest
+import torch
+
+from ebm_scale.errors import ConfigError
+from ebm_scale.methods import DataSpec, build_method
+from ebm_scale.methods.diffebm import MAX_CONSECUTIVE_SKIPS, DiffebmConfig, DiffebmSdeConfig
+from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
+from ebm_scale.nets.mlp import MLPConfig
+from method_checks import assert_continues_exactly
+
+SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
+
+
+def small_config(**overrides) -> DiffebmConfig:
+    cfg = DiffebmConfig(sde=DiffebmSdeConfig(steps=8, sample_steps=5),
+                        energy=MLPConfig(hidden=16, layers=3, activation="silu"),
+                        control=DiffusionNetConfig(hidden=16, layers=3, activation="silu", embedding="fourier",
+                                                   embed_dim=8))
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_step_updates_both_networks_and_reports_every_term():
+    torch.manual_seed(0)
+    method = build_method(small_config(), SPEC, "cpu")
+    before = {k: params(net) for k, net in method.networks.items()}
+    out = method.train_step(torch.randn(32, 2))
+    for key, value in out.items():
+        assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), key
+    assert {"loss/dsm", "loss/lv_control", "loss/lv_energy", "loss/mle", "energy_gap"} <= set(out)
+    assert out["loss/lv_control"] >= 0 and out["loss/lv_energy"] >= 0
+    # η = α = ½: each loss is the even mix of its two terms
+    assert torch.allclose(out["loss/control"], 0.5 * out["loss/dsm"] + 0.5 * out["loss/lv_control"])
+    assert torch.allclose(out["loss/energy"], 0.5 * out["loss/mle"] + 0.5 * out["loss/lv_energy"])
+    for name, net in method.networks.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+
+
+@pytest.mark.parametrize("eta,alpha,present,absent", [
+    (0.0, 0.0, {"loss/dsm"}, {"loss/lv_control", "loss/lv_energy"}),
+    (1.0, 1.0, {"loss/lv_control", "loss/lv_energy"}, {"loss/dsm"}),
+])
+def test_eta_and_alpha_switch_the_terms(eta, alpha, present, absent):
+    torch.manual_seed(0)
+    out = build_method(small_config(eta=eta, alpha=alpha), SPEC, "cpu").train_step(torch.randn(16, 2))
+    assert present <= set(out) and not (absent & set(out))
+    if alpha == 0:
+        assert torch.allclose(out["loss/energy"], out["loss/mle"])
+
+
+def test_non_finite_step_is_skipped_then_reported_as_divergence():
+    torch.manual_seed(0)
+    method = build_method(small_config(), SPEC, "cpu")
+    with torch.no_grad():  # an energy that overflows everywhere: every loss is non-finite
+        method.networks["energy"].net[-1].bias.fill_(float("inf"))
+    control_before = params(method.networks["control"])
+    out = method.train_step(torch.randn(16, 2))
+    assert out["skipped/energy"] == 1 and out["skipped/control"] == 1
+    assert all(torch.isfinite(v) for v in out.values())  # a skipped step is not (yet) divergence
+    assert all(torch.equal(a, b) for a, b in zip(control_before, method.networks["control"].parameters()))
+    for _ in range(MAX_CONSECUTIVE_SKIPS - 1):
+        out = method.train_step(torch.randn(16, 2))
+    assert not torch.isfinite(out["loss"])  # ... but one that keeps skipping is
+
+
+def test_sample_simulates_the_sde_with_sample_steps_control_calls():
+    torch.manual_seed(0)
+    method = build_method(small_config(), SPEC, "cpu")
+    calls = []
+    method.networks["control"].register_forward_hook(lambda *_: calls.append(1))
+    x = method.sample(10)
+    assert x.shape == (10, 2) and len(calls) == 5 == method.nfe
+    assert torch.allclose(method.log_density(x)["ebm"], -method.networks["energy"](x))
+
+
+def test_prodigy_is_selectable():
+    torch.manual_seed(0)
+    cfg = small_config()
+    cfg.optim_control.kind, cfg.optim_control.lr = "prodigy", 1.0
+    method = build_method(cfg, SPEC, "cpu")
+    assert type(method.optimizers["control"]).__name__ == "Prodigy"
+    out = method.train_step(torch.randn(16, 2))
+    assert torch.isfinite(out["loss/control"])
+    with pytest.raises(ConfigError, match="clip_elementwise_std"):
+        cfg.optim_control.clip_elementwise_std = 3.0
+        cfg.validate()
+
+
+def test_continues_exactly():
+    torch.manual_seed(2)
+    batches = [torch.randn(16, 2) for _ in range(4)]
+    assert_continues_exactly(lambda: build_method(small_config(), SPEC, "cpu"), batches)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="method.eta"):
+        small_config(eta=1.5).validate()
+    with pytest.raises(ConfigError, match="method.sde.beta_max"):
+        small_config(sde=DiffebmSdeConfig(beta_min=1.0, beta_max=0.5)).validate()
+    with pytest.raises(ConfigError, match="method.control.arch"):
+        build_method(small_config(control=DiffusionNetConfig(arch="unet")), SPEC, "cpu")
