@@ -75,8 +75,12 @@ class DdaebmConfig:
     w: float = 1.0                      # λ(t−1) = w·t'(t)^{log_½(w_mid/w)} (eq. 21)
     w_mid: float = 1.0
     # log q(x_{t−1} | x_t, x_0) in L2 uses max(β̃_t, floor): at t = 1 the posterior is a point mass (β̃_1 = 0).
-    posterior_var_floor: float = 1e-4
-    ema_decay: float = 0.999            # generator EMA used for sampling; 0 = off (paper: 0.9999 on CIFAR-10)
+    # The floor is then L2's reconstruction scale at t = 1 (its gradient ∝ 1/floor), not a numerical epsilon:
+    # at 1e-4 it outweighs the adversarial L1 ~1e4×, G(·, ·, 1) turns into a plain regressor that never
+    # visits the spurious minima of E(·, 0), and the density at t = 0 is left uncorrected there (2D toy:
+    # mass piled in the box corners). Sampling stays deterministic at t = 1 whatever the floor.
+    posterior_var_floor: float = 1e-2  # (2D toy: 1e-4 and 1e-3 piled the density in the corners, 1e-2 did not)
+    ema_decay: float = 0.999            # EMA of G (sampling) and E (density); 0 = off (paper: 0.9999 on CIFAR-10)
     optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
     optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
 
@@ -118,6 +122,7 @@ class Ddaebm(Method):
             generator_params += list(self.networks["encoder"].parameters())
         if cfg.ema_decay > 0:
             self.networks["generator_ema"] = copy.deepcopy(self.networks["generator"]).requires_grad_(False)
+            self.networks["energy_ema"] = copy.deepcopy(self.networks["energy"]).requires_grad_(False)
         self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
         self.optimizers["generator"] = cfg.optim_generator.build(generator_params)
         # Decided on the first batch (terminal="auto" measures the data), then kept: see DiffusionChainConfig.
@@ -159,7 +164,8 @@ class Ddaebm(Method):
             metrics["loss/l2"] = l2.mean().detach()
         grad_norm_g = self.optimizer_step(self.optimizers["generator"], loss_g, cfg.optim_generator)
         energy.requires_grad_(True)
-        self._update_ema()
+        self.ema_updates += 1
+        self._update_ema("generator")
 
         # Energy: real pairs down, generated ones up, gradient penalty on the real x_{t−1} (eq. 22–23).
         x_real = x_prev.detach().requires_grad_(True)
@@ -173,6 +179,7 @@ class Ddaebm(Method):
             loss_e = loss_e + penalty
             metrics["gradient_penalty"] = penalty.detach()
         grad_norm_e = self.optimizer_step(self.optimizers["energy"], loss_e, cfg.optim_energy)
+        self._update_ema("energy")
 
         gap = (e_real.mean() - e_fake.mean()).detach()
         return {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/generator": loss_g.detach(),
@@ -194,13 +201,15 @@ class Ddaebm(Method):
         return kl - self.schedule.posterior_log_prob(x_prev, x0_hat, x_t, t, cfg.posterior_var_floor)
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        if "generator_ema" not in self.networks:
+    def _update_ema(self, name: str) -> None:
+        """EMA of the generator (used for sampling) and of the energy (used for the density). The adversarial
+        game makes the energy's relative levels at different modes oscillate from step to step; a density
+        read off one step's energy inherits that, the average does much less."""
+        if f"{name}_ema" not in self.networks:
             return
-        ema, live = self.networks["generator_ema"], self.networks["generator"]
+        ema, live = self.networks[f"{name}_ema"], self.networks[name]
         # The usual warm-up (decay ≤ (1+k)/(10+k)): an average that starts at the random init would otherwise
         # keep ~e^{-k(1−decay)} of it for thousands of steps, which a short toy run never outgrows.
-        self.ema_updates += 1
         decay = min(self.cfg.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
         torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - decay)
         for b_ema, b in zip(ema.buffers(), live.buffers()):
@@ -242,7 +251,8 @@ class Ddaebm(Method):
 
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.to(self.device)
-        return {"ebm": -self.networks["energy"](x, torch.zeros(len(x), dtype=torch.long, device=self.device))}
+        energy = self.networks.get("energy_ema", self.networks["energy"])
+        return {"ebm": -energy(x, torch.zeros(len(x), dtype=torch.long, device=self.device))}
 
     def extra_state(self) -> dict:
         return {"start_from_data": self.start_from_data, "terminal_kl": self.terminal_kl, "pool": self.pool,
