@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             # A first argument without '=' names a sweep whose settings to train with (its search is dropped).
             name = args.overrides[0] if args.overrides and "=" not in args.overrides[0] else None
-            cfg = _compose(name, args.overrides[1:] if name else args.overrides)
-            # One run: no search, no early stopping — the same engine path as a sweep's trial.
-            cfg.search.space, cfg.search.num_samples = {}, 1
-            cfg.search.scheduler.kind = "fifo"
+            # One run: no search, no early stopping — the same engine path as a sweep's trial. Dropped before
+            # validation, so a sweep's ASHA grace period longer than a shortened run is not an error here.
+            single = ["search.space={}", "search.num_samples=1", "search.scheduler.kind=fifo"]
+            cfg = _compose(name, (args.overrides[1:] if name else args.overrides) + single)
             return _run(cfg, resume=False)
         cfg = _compose(args.sweep, args.overrides)
         return _run(cfg, resume=args.resume)

@@ -24,3 +24,15 @@ def assert_continues_exactly(build, batches: list[torch.Tensor], split: int = 2)
     for name, net in original.networks.items():
         assert all(torch.equal(p, q) for p, q in zip(net.parameters(), restored.networks[name].parameters())), name
     return original, restored
+
+
+def params(net: torch.nn.Module) -> list[torch.Tensor]:
+    """Detached copies of a network's parameters, to compare after a step."""
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def with_overrides(cfg, overrides: dict):
+    """cfg with top-level fields replaced (a test's small config plus the knob under test)."""
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg

@@ -7,7 +7,7 @@ from ebm_scale.errors import ConfigError
 from ebm_scale.methods import DataSpec, build_method
 from ebm_scale.methods.ddaebm import DdaebmConfig, DiffusionChainConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
-from method_checks import assert_continues_exactly
+from method_checks import assert_continues_exactly, params, with_overrides
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
@@ -15,13 +15,7 @@ SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 def small_config(**overrides) -> DdaebmConfig:
     cfg = DdaebmConfig(net=DiffusionNetConfig(hidden=16, layers=3, embed_dim=8),
                        diffusion=DiffusionChainConfig(steps=3, beta_min=0.1, beta_max=20.0))
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-def params(net):
-    return [p.detach().clone() for p in net.parameters()]
+    return with_overrides(cfg, overrides)
 
 
 def test_step_trains_all_three_networks_and_reports_each_term():

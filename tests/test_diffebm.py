@@ -8,7 +8,7 @@ from ebm_scale.methods import DataSpec, build_method
 from ebm_scale.methods.diffebm import MAX_CONSECUTIVE_SKIPS, DiffebmConfig, DiffebmSdeConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
 from ebm_scale.nets.mlp import MLPConfig
-from method_checks import assert_continues_exactly
+from method_checks import assert_continues_exactly, params, with_overrides
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
@@ -18,13 +18,7 @@ def small_config(**overrides) -> DiffebmConfig:
                         energy=MLPConfig(hidden=16, layers=3, activation="silu"),
                         control=DiffusionNetConfig(hidden=16, layers=3, activation="silu", embedding="fourier",
                                                    embed_dim=8))
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-def params(net):
-    return [p.detach().clone() for p in net.parameters()]
+    return with_overrides(cfg, overrides)
 
 
 def test_step_updates_both_networks_and_reports_every_term():
