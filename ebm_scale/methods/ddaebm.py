@@ -127,7 +127,8 @@ class Ddaebm(Method):
         self.optimizers["generator"] = cfg.optim_generator.build(generator_params)
         # Decided on the first batch (terminal="auto" measures the data), then kept: see DiffusionChainConfig.
         self.start_from_data: bool | None = None if cfg.diffusion.terminal == "auto" else cfg.diffusion.terminal == "data"
-        self.terminal_kl = torch.tensor(float("nan"))
+        self.terminal_kl_value: float | None = None
+        self.terminal_kl = torch.tensor(float("nan"), device=self.device)
         self.pool = torch.empty(0, *shape, device=self.device)
         self.pool_seen = 0
         self.ema_updates = 0
@@ -218,10 +219,11 @@ class Ddaebm(Method):
     @torch.no_grad()
     def _remember(self, x0: torch.Tensor) -> None:
         """Decide the sampler's start on the first batch; keep a reservoir of training points if it needs them."""
-        if self.start_from_data is None or not torch.isfinite(self.terminal_kl):
-            self.terminal_kl = torch.tensor(self.schedule.terminal_kl_bound(x0))
+        if self.terminal_kl_value is None:  # a Python float, so later steps never sync the host to check
+            self.terminal_kl_value = self.schedule.terminal_kl_bound(x0)
+            self.terminal_kl = torch.tensor(self.terminal_kl_value, device=self.device)
             if self.start_from_data is None:
-                self.start_from_data = bool(self.terminal_kl > self.cfg.diffusion.terminal_kl_tol)
+                self.start_from_data = self.terminal_kl_value > self.cfg.diffusion.terminal_kl_tol
         if not self.start_from_data:
             return
         room = self.cfg.diffusion.terminal_pool - len(self.pool)
@@ -255,13 +257,15 @@ class Ddaebm(Method):
         return {"ebm": -energy(x, torch.zeros(len(x), dtype=torch.long, device=self.device))}
 
     def extra_state(self) -> dict:
-        return {"start_from_data": self.start_from_data, "terminal_kl": self.terminal_kl, "pool": self.pool,
+        return {"start_from_data": self.start_from_data, "terminal_kl": self.terminal_kl_value, "pool": self.pool,
                 "pool_seen": self.pool_seen, "ema_updates": self.ema_updates}
 
     def load_extra_state(self, state: dict) -> None:
         if state:
             self.start_from_data = state["start_from_data"]
-            self.terminal_kl = state["terminal_kl"]
+            self.terminal_kl_value = state["terminal_kl"]
+            if self.terminal_kl_value is not None:
+                self.terminal_kl = torch.tensor(self.terminal_kl_value, device=self.device)
             self.pool = state["pool"].to(self.device)
             self.pool_seen = state["pool_seen"]
             self.ema_updates = state["ema_updates"]
