@@ -24,29 +24,14 @@ from pathlib import Path
 import torch
 
 from ebm_scale.config import compose
-from ebm_scale.data import load_dataset
-from ebm_scale.methods import build_method
-from ebm_scale.metrics.toy import evaluate_toy
+from train_curve import train_in_process  # benchmarks/ is on sys.path when this script runs
 
 
-def train_for(cfg, budget: float, seed: int, out_dir: Path, clock) -> dict:
-    torch.manual_seed(seed)
-    data = load_dataset(cfg.data, seed)
-    method = build_method(cfg.method, data.spec, "cpu")
-    batches = torch.Generator().manual_seed(seed)
-    trained, step = 0.0, 0
-    method.train(True)
-    while trained < budget:
-        idx = torch.randint(len(data.train), (cfg.train.batch_size,), generator=batches)
-        started = clock()
-        out = method.train_step(data.train[idx])
-        trained += clock() - started
-        step += 1
+def progress(budget: float):
+    def show(step: int, trained: float, out: dict) -> None:
         if step % 200 == 0:
             print(f"    {step} iterations, {trained:.0f}/{budget:.0f} s, loss {float(out['loss']):.3f}", flush=True)
-    method.train(False)
-    metrics, _ = evaluate_toy(method, data, cfg.eval, out_dir, step)
-    return {"iterations": step, "train_seconds": trained, **metrics}
+    return show
 
 
 def main() -> None:
@@ -78,7 +63,9 @@ def main() -> None:
                               + overrides[label])
                 print(f"  {label} ({sweep}) on {data}, seed {seed}: training {args.budget:.0f} s", flush=True)
                 clock = time.process_time if args.clock == "cpu" else time.perf_counter
-                result = train_for(cfg, args.budget, seed, out / f"{data}_{label}_{seed}", clock)
+                result = train_in_process(cfg, seed, out / f"{data}_{label}_{seed}", clock=clock,
+                                          done=lambda _, trained: trained >= args.budget,
+                                          on_progress=progress(args.budget))
                 rows.append({"data": data, "run": label, "sweep": sweep, "seed": seed, **result})
                 ll = result.get("eval/test_ll/ebm", float("nan"))
                 print(f"| {data} | {label} | {seed} | {result['iterations']} | {result['eval/sinkhorn']:.3f} "

@@ -4,13 +4,16 @@ Sinkhorn and test log-likelihood without Ray or MLflow (how the 2D figures of is
     uv run python benchmarks/train_curve.py 5000 ddaebm_toy method.diffusion.steps=1 [--every 1000] [--out DIR]
 
 Seeds are fixed (network init 0, batches 0, data seed 0), single-threaded; prints the evaluation metrics
-at every checkpoint and writes samples/density PNGs to --out.
+at every checkpoint and writes samples/density PNGs to --out. `train_in_process` is the loop the other
+in-process benchmark (equal_budget.py) shares.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,6 +21,35 @@ from ebm_scale.config import compose
 from ebm_scale.data import load_dataset
 from ebm_scale.methods import build_method
 from ebm_scale.metrics.toy import evaluate_toy
+
+
+def train_in_process(cfg, seed: int, out_dir: Path | str, *, done: Callable[[int, float], bool],
+                     every: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                     on_eval: Callable[[int, dict], None] | None = None,
+                     on_progress: Callable[[int, float, dict], None] | None = None) -> dict:
+    """Train `cfg` (seeded by `seed`) until done(steps, training seconds by `clock`) holds, evaluating every
+    `every` steps and at the end. Evaluation time is not training time. Returns the last evaluation's
+    metrics with the iterations and training seconds."""
+    torch.manual_seed(seed)
+    data = load_dataset(cfg.data, seed)
+    method = build_method(cfg.method, data.spec, "cpu")
+    batches = torch.Generator().manual_seed(seed)
+    trained, step, metrics = 0.0, 0, {}
+    while not done(step, trained):
+        method.train(True)
+        idx = torch.randint(len(data.train), (cfg.train.batch_size,), generator=batches)
+        started = clock()
+        out = method.train_step(data.train[idx])
+        trained += clock() - started
+        step += 1
+        if on_progress is not None:
+            on_progress(step, trained, out)
+        if (every and step % every == 0) or done(step, trained):
+            method.train(False)
+            metrics, _ = evaluate_toy(method, data, cfg.eval, out_dir, step)
+            if on_eval is not None:
+                on_eval(step, metrics)
+    return {"iterations": step, "train_seconds": trained, **metrics}
 
 
 def main() -> None:
@@ -30,21 +62,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = args.out or tempfile.mkdtemp(prefix="ebm_scale_curve_")
-    cfg = compose(args.sweep, args.overrides)
-    data = load_dataset(cfg.data, 0)
-    torch.manual_seed(0)
-    method = build_method(cfg.method, data.spec, "cpu")
-    batches = torch.Generator().manual_seed(0)
     started = time.time()
-    for step in range(1, args.iterations + 1):
-        method.train(True)
-        idx = torch.randint(len(data.train), (cfg.train.batch_size,), generator=batches)
-        method.train_step(data.train[idx])
-        if step % args.every == 0 or step == args.iterations:
-            method.train(False)
-            metrics, _ = evaluate_toy(method, data, cfg.eval, out, step)
-            shown = {k: round(v, 3) for k, v in metrics.items() if "test_ll" in k or k.startswith("eval/sinkhorn")}
-            print(step, shown, f"{time.time() - started:.0f}s", flush=True)
+
+    def show(step: int, metrics: dict) -> None:
+        shown = {k: round(v, 3) for k, v in metrics.items() if "test_ll" in k or k.startswith("eval/sinkhorn")}
+        print(step, shown, f"{time.time() - started:.0f}s", flush=True)
+
+    train_in_process(compose(args.sweep, args.overrides), 0, out, done=lambda step, _: step >= args.iterations,
+                     every=args.every, on_eval=show)
     print(f"pictures: {out}")
 
 

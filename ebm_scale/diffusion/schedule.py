@@ -102,7 +102,7 @@ class DiscreteVPSchedule:
     def log_q_step(self, x_t: Tensor, x_prev: Tensor, t: Tensor) -> Tensor:
         """log q(x_t | x_{t−1}) per sample, (n,). Differentiable in both arguments."""
         b = self._at(self.betas, t, x_prev)
-        return _gaussian_log_prob(x_t, (1.0 - b).sqrt() * x_prev, b)
+        return gaussian_log_prob(x_t, (1.0 - b).sqrt() * x_prev, b)
 
     # --- posterior ---------------------------------------------------------------------------------
     def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,7 +120,7 @@ class DiscreteVPSchedule:
         """log q(x_{t−1} | x_t, x_0) per sample, with the variance floored at `var_floor`: at t = 1 the true
         posterior is a point mass (β̃_1 = 0) and its log-density is not a number a loss can use."""
         mean, var = self.posterior(x0, x_t, t)
-        return _gaussian_log_prob(x_prev, mean, var.clamp_min(var_floor))
+        return gaussian_log_prob(x_prev, mean, var.clamp_min(var_floor))
 
     # --- diagnostics -------------------------------------------------------------------------------
     def terminal_kl_bound(self, x0: Tensor) -> float:
@@ -142,7 +142,7 @@ class DiscreteVPSchedule:
         return w * self.time[t].pow(exponent)
 
 
-def _gaussian_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """Σ over non-batch dims of log N(x; mean, var) with an isotropic (broadcast) variance."""
+def gaussian_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """Σ over non-batch dims of log N(x; mean, var), var per sample (broadcast) or per element."""
     var = var.expand_as(x)
     return (-0.5 * ((x - mean) ** 2 / var + var.log() + math.log(2 * math.pi))).flatten(1).sum(1)

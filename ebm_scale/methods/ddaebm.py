@@ -16,13 +16,12 @@ One iteration, t ~ U{1..T}, real pairs (x_{t−1}, x_t) ~ q:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ebm_scale.diffusion import TIME_SCHEDULES, DiscreteVPSchedule
+from ebm_scale.diffusion import TIME_SCHEDULES, DiscreteVPSchedule, gaussian_log_prob
 from ebm_scale.errors import require
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
@@ -100,10 +99,6 @@ class DdaebmConfig:
         self.optim_generator.validate(f"{prefix}.optim_generator")
 
 
-def _gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    return (-0.5 * ((z - mean) ** 2 * torch.exp(-log_var) + log_var + math.log(2 * math.pi))).sum(1)
-
-
 @register_method
 class Ddaebm(Method):
     name = "ddaebm"
@@ -156,7 +151,7 @@ class Ddaebm(Method):
         if cfg.encoder_term and cfg.latent_dim > 0:
             # −log q_ψ(z | x̃, x_t): the variational bound on the generator's conditional entropy (eq. 16)
             mean, log_var = self.networks["encoder"](x_fake, x_t, t)
-            l1 = l1 - _gaussian_log_prob(z, mean, log_var)
+            l1 = l1 - gaussian_log_prob(z, mean, log_var.exp())
         loss_g = l1.mean()
         if cfg.reverse_kl_weight > 0:
             l2 = self._reverse_kl_bound(x_prev, x_t, t, metrics)
@@ -171,8 +166,8 @@ class Ddaebm(Method):
         # Energy: real pairs down, generated ones up, gradient penalty on the real x_{t−1} (eq. 22–23).
         x_real = x_prev.detach().requires_grad_(True)
         e_real = energy(x_real, t - 1)
-        e_fake = energy(x_fake.detach(), t - 1)
-        loss_e = e_real.mean() - cfg.fake_weight * e_fake.mean()
+        e_real_mean, e_fake_mean = e_real.mean(), energy(x_fake.detach(), t - 1).mean()
+        loss_e = e_real_mean - cfg.fake_weight * e_fake_mean
         if cfg.gradient_penalty > 0:
             conditional = e_real - sched.log_q_step(x_t, x_real, t)  # −log of p_θ(x_{t−1} | x_t)'s numerator
             (grad,) = torch.autograd.grad(conditional.sum(), x_real, create_graph=True)
@@ -182,10 +177,9 @@ class Ddaebm(Method):
         grad_norm_e = self.optimizer_step(self.optimizers["energy"], loss_e, cfg.optim_energy)
         self._update_ema("energy")
 
-        gap = (e_real.mean() - e_fake.mean()).detach()
         return {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/generator": loss_g.detach(),
-                "loss/l1": l1.mean().detach(), **metrics, "energy/real": e_real.mean().detach(),
-                "energy/fake": e_fake.mean().detach(), "energy_gap": gap, "grad_norm/energy": grad_norm_e,
+                "loss/l1": l1.mean().detach(), **metrics, "energy/real": e_real_mean.detach(),
+                "energy/fake": e_fake_mean.detach(), "energy_gap": (e_real_mean - e_fake_mean).detach(), "grad_norm/energy": grad_norm_e,
                 "grad_norm/generator": grad_norm_g, "terminal_kl_bound": self.terminal_kl}
 
     def _reverse_kl_bound(self, x_prev, x_t, t, metrics) -> torch.Tensor:

@@ -123,8 +123,9 @@ class Diffebm(Method):
         grad_norm_c = self._step_if_finite("control", loss_c, cfg.optim_control)
 
         # --- energy: MLE against the generated samples + log-variance against sg[A] ----------------------
-        e_pos, e_neg = energy(x_data), energy(end)
-        mle = e_pos.mean() - e_neg.mean()
+        e_neg = energy(end)
+        e_pos_mean, e_neg_mean = energy(x_data).mean(), e_neg.mean()
+        mle = e_pos_mean - e_neg_mean
         loss_e = (1 - cfg.alpha) * mle
         if cfg.alpha > 0:
             lv_e = log_variance(path_log_rnd(running.detach(), log_prior, -e_neg)) / dim
@@ -133,8 +134,8 @@ class Diffebm(Method):
         grad_norm_e = self._step_if_finite("energy", loss_e, cfg.optim_energy)
 
         out = {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/control": loss_c.detach(),
-               "loss/mle": mle.detach(), **metrics, "energy/pos": e_pos.mean().detach(),
-               "energy/neg": e_neg.mean().detach(), "energy_gap": mle.detach(),
+               "loss/mle": mle.detach(), **metrics, "energy/pos": e_pos_mean.detach(),
+               "energy/neg": e_neg_mean.detach(), "energy_gap": mle.detach(),
                "grad_norm/energy": grad_norm_e, "grad_norm/control": grad_norm_c,
                "skipped/control": self.skipped["control"], "skipped/energy": self.skipped["energy"]}
         if grad_norm_c is None or grad_norm_e is None:
