@@ -34,10 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _compose(name, overrides):
+def _compose(name, overrides, single_run: bool = False):
     from ebm_scale.config import compose
 
-    return compose(name, overrides)
+    return compose(name, overrides, single_run=single_run)
 
 
 def _mlflow_ui_command(uri: str) -> str:
@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             # A first argument without '=' names a sweep whose settings to train with (its search is dropped).
             name = args.overrides[0] if args.overrides and "=" not in args.overrides[0] else None
-            # One run: no search, no early stopping — the same engine path as a sweep's trial. Dropped before
-            # validation, so a sweep's ASHA grace period longer than a shortened run is not an error here.
-            single = ["search.space={}", "search.num_samples=1", "search.scheduler.kind=fifo"]
-            cfg = _compose(name, (args.overrides[1:] if name else args.overrides) + single)
+            # One run: no search, no early stopping — the same engine path as a sweep's trial.
+            cfg = _compose(name, args.overrides[1:] if name else args.overrides, single_run=True)
             return _run(cfg, resume=False)
         cfg = _compose(args.sweep, args.overrides)
         return _run(cfg, resume=args.resume)

@@ -295,14 +295,20 @@ def register_configs() -> None:
         store.store(group="method", name=f"{name}_schema", node=cls.config_class)
 
 
-def compose(config: str | None, overrides: list[str] | None = None) -> EbmScaleConfig:
+def compose(config: str | None, overrides: list[str] | None = None, *, single_run: bool = False) -> EbmScaleConfig:
     """Compose a named sweep (`quickstart`), a YAML path, or (None) the base `config.yaml`, apply overrides,
-    and return the checked config. Raises ConfigError for anything wrong."""
+    and return the checked config. Raises ConfigError for anything wrong.
+
+    single_run: one run with the sweep's settings — its search space, trial count and early stopping are
+    dropped before validation (so a grace period longer than a shortened run is no error). Done here, not by
+    a `search.space={}` override: Hydra merges a dict override into the sweep's space and keeps every key."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     overrides = list(overrides or [])
+    if single_run:
+        overrides += ["search.num_samples=1", "search.scheduler.kind=fifo"]
     base = sweeps_dir()
     config_dir, config_name = str(base), "config"
     if config:
@@ -330,6 +336,8 @@ def compose(config: str | None, overrides: list[str] | None = None) -> EbmScaleC
         raise ConfigError(_override_key(text), message, _group_options(base, text)) from None
     finally:
         GlobalHydra.instance().clear()
+    if single_run:
+        raw.search.space = {}
     return from_dictconfig(raw)
 
 

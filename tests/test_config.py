@@ -98,3 +98,12 @@ def test_cli_validate(capsys):
     assert "OK: quickstart is valid" in capsys.readouterr().out
     assert main(["validate", "quickstart", "method.sampler.step_size=-1"]) == 2
     assert "method.sampler.step_size" in capsys.readouterr().err
+
+
+def test_single_run_keeps_the_sweeps_settings_and_drops_its_search():
+    """`ebm-scale train <sweep>` trains the sweep's own settings, not a draw from its search space (a
+    `search.space={}` override would merge into the space and keep every key)."""
+    cfg = compose("nt_ebm_toy", ["train.iterations=10"], single_run=True)
+    assert cfg.search.space == {} and cfg.search.num_samples == 1 and cfg.search.scheduler.kind == "fifo"
+    swept = compose("nt_ebm_toy")
+    assert swept.search.space and cfg.method.sampler == swept.method.sampler and cfg.train.iterations == 10
