@@ -74,6 +74,23 @@ def test_sample_simulates_the_sde_with_sample_steps_control_calls():
     assert torch.allclose(method.log_density(x)["ebm"], -method.networks["energy"](x))
 
 
+def test_with_ema_sampling_uses_the_averaged_control_and_the_density_the_averaged_energy():
+    torch.manual_seed(0)
+    method = build_method(small_config(ema_decay=0.9), SPEC, "cpu")
+    for _ in range(3):
+        method.train_step(torch.randn(16, 2))
+    for name in ("control", "energy"):  # the averages trail the live networks
+        ema, live = method.networks[f"{name}_ema"], method.networks[name]
+        assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), live.parameters())), name
+    calls = {"ema": 0, "live": 0}
+    method.networks["control_ema"].register_forward_hook(lambda *_: calls.__setitem__("ema", calls["ema"] + 1))
+    method.networks["control"].register_forward_hook(lambda *_: calls.__setitem__("live", calls["live"] + 1))
+    x = method.sample(10)
+    assert calls == {"ema": 5, "live": 0}
+    assert torch.allclose(method.log_density(x)["ebm"], -method.networks["energy_ema"](x))
+    assert not torch.allclose(method.networks["energy_ema"](x), method.networks["energy"](x))
+
+
 def test_prodigy_is_selectable():
     torch.manual_seed(0)
     cfg = small_config()
@@ -91,11 +108,14 @@ def test_continues_exactly():
     torch.manual_seed(2)
     batches = [torch.randn(16, 2) for _ in range(4)]
     assert_continues_exactly(lambda: build_method(small_config(), SPEC, "cpu"), batches)
+    assert_continues_exactly(lambda: build_method(small_config(ema_decay=0.9), SPEC, "cpu"), batches)
 
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="method.eta"):
         small_config(eta=1.5).validate()
+    with pytest.raises(ConfigError, match="method.ema_decay"):
+        small_config(ema_decay=1.0).validate()
     with pytest.raises(ConfigError, match="method.sde.beta_max"):
         small_config(sde=DiffebmSdeConfig(beta_min=1.0, beta_max=0.5)).validate()
     with pytest.raises(ConfigError, match="method.control.arch"):

@@ -15,17 +15,16 @@ One iteration, t ~ U{1..T}, real pairs (x_{t−1}, x_t) ~ q:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ebm_scale.diffusion import TIME_SCHEDULES, DiscreteVPSchedule, gaussian_log_prob
 from ebm_scale.errors import require
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_encoder, build_generator, build_time_energy
+from ebm_scale.nets.ema import WeightAverages
 
 TERMINAL_STARTS = ("auto", "gaussian", "data")
 
@@ -115,9 +114,12 @@ class Ddaebm(Method):
         if d > 0:  # without z the generator's distribution is a known Gaussian: no encoder needed
             self.networks["encoder"] = build_encoder(shape, d, cfg.net, "method.net").to(self.device)
             generator_params += list(self.networks["encoder"].parameters())
-        if cfg.ema_decay > 0:
-            self.networks["generator_ema"] = copy.deepcopy(self.networks["generator"]).requires_grad_(False)
-            self.networks["energy_ema"] = copy.deepcopy(self.networks["energy"]).requires_grad_(False)
+        # EMA of G (sampling) and E (density): the adversarial game makes the energy's relative levels at
+        # different modes oscillate from step to step; a density read off one step's energy inherits that.
+        self.averages = WeightAverages(cfg.ema_decay)
+        if self.averages.enabled:
+            self.networks["generator_ema"] = self.averages.copy_of(self.networks["generator"])
+            self.networks["energy_ema"] = self.averages.copy_of(self.networks["energy"])
         self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
         self.optimizers["generator"] = cfg.optim_generator.build(generator_params)
         # Decided on the first batch (terminal="auto" measures the data), then kept: see DiffusionChainConfig.
@@ -126,7 +128,6 @@ class Ddaebm(Method):
         self.terminal_kl = torch.tensor(float("nan"), device=self.device)
         self.pool = torch.empty(0, *shape, device=self.device)
         self.pool_seen = 0
-        self.ema_updates = 0
 
     @property
     def nfe(self) -> int:
@@ -160,7 +161,7 @@ class Ddaebm(Method):
             metrics["loss/l2"] = l2.mean().detach()
         grad_norm_g = self.optimizer_step(self.optimizers["generator"], loss_g, cfg.optim_generator)
         energy.requires_grad_(True)
-        self.ema_updates += 1
+        self.averages.step()
         self._update_ema("generator")
 
         # Energy: real pairs down, generated ones up, gradient penalty on the real x_{t−1} (eq. 22–23).
@@ -195,20 +196,9 @@ class Ddaebm(Method):
         x0_hat = self.networks["generator"](x_t, z, t)
         return kl - self.schedule.posterior_log_prob(x_prev, x0_hat, x_t, t, cfg.posterior_var_floor)
 
-    @torch.no_grad()
     def _update_ema(self, name: str) -> None:
-        """EMA of the generator (used for sampling) and of the energy (used for the density). The adversarial
-        game makes the energy's relative levels at different modes oscillate from step to step; a density
-        read off one step's energy inherits that, the average does much less."""
-        if f"{name}_ema" not in self.networks:
-            return
-        ema, live = self.networks[f"{name}_ema"], self.networks[name]
-        # The usual warm-up (decay ≤ (1+k)/(10+k)): an average that starts at the random init would otherwise
-        # keep ~e^{-k(1−decay)} of it for thousands of steps, which a short toy run never outgrows.
-        decay = min(self.cfg.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - decay)
-        for b_ema, b in zip(ema.buffers(), live.buffers()):
-            b_ema.copy_(b)
+        if self.averages.enabled:
+            self.averages.update(self.networks[f"{name}_ema"], self.networks[name])
 
     @torch.no_grad()
     def _remember(self, x0: torch.Tensor) -> None:
@@ -252,7 +242,7 @@ class Ddaebm(Method):
 
     def extra_state(self) -> dict:
         return {"start_from_data": self.start_from_data, "terminal_kl": self.terminal_kl_value, "pool": self.pool,
-                "pool_seen": self.pool_seen, "ema_updates": self.ema_updates}
+                "pool_seen": self.pool_seen, "ema_updates": self.averages.updates}
 
     def load_extra_state(self, state: dict) -> None:
         if state:
@@ -262,4 +252,4 @@ class Ddaebm(Method):
                 self.terminal_kl = torch.tensor(self.terminal_kl_value, device=self.device)
             self.pool = state["pool"].to(self.device)
             self.pool_seen = state["pool_seen"]
-            self.ema_updates = state["ema_updates"]
+            self.averages.updates = state["ema_updates"]

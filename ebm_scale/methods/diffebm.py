@@ -23,6 +23,7 @@ from ebm_scale.errors import require
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_control
+from ebm_scale.nets.ema import WeightAverages
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
 
 
@@ -58,6 +59,9 @@ class DiffebmConfig:
         hidden=128, layers=3, activation="silu", embedding="fourier", embed_dim=64))
     eta: float = 0.5                    # control: (1 − η)·DSM + η·log-variance
     alpha: float = 0.5                  # energy: (1 − α)·MLE + α·log-variance
+    # EMA of the control (used by sample()) and of the energy (used by log_density()); training paths use the
+    # live control, which is what the log-variance loss is about. 0 = off (paper 004 does not say).
+    ema_decay: float = 0.0
     optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     optim_control: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
 
@@ -69,6 +73,7 @@ class DiffebmConfig:
         self.control.validate(f"{prefix}.control")
         require(0 <= self.eta <= 1, f"{prefix}.eta", f"must be in [0, 1], got {self.eta}")
         require(0 <= self.alpha <= 1, f"{prefix}.alpha", f"must be in [0, 1], got {self.alpha}")
+        require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         self.optim_energy.validate(f"{prefix}.optim_energy")
         self.optim_control.validate(f"{prefix}.optim_control")
 
@@ -86,6 +91,10 @@ class Diffebm(Method):
         self.networks["control"] = build_control(spec.shape, cfg.control, "method.control").to(self.device)
         self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
         self.optimizers["control"] = cfg.optim_control.build(self.networks["control"].parameters())
+        self.averages = WeightAverages(cfg.ema_decay)
+        if self.averages.enabled:
+            for name in ("control", "energy"):
+                self.networks[f"{name}_ema"] = self.averages.copy_of(self.networks[name])
         self.skipped = {"control": torch.zeros((), device=self.device), "energy": torch.zeros((), device=self.device)}
         self.consecutive_skips = 0
 
@@ -132,6 +141,10 @@ class Diffebm(Method):
             loss_e = loss_e + cfg.alpha * lv_e
             metrics["loss/lv_energy"] = lv_e.detach()
         grad_norm_e = self._step_if_finite("energy", loss_e, cfg.optim_energy)
+        if self.averages.enabled:
+            self.averages.step()
+            for name in ("control", "energy"):
+                self.averages.update(self.networks[f"{name}_ema"], self.networks[name])
 
         out = {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/control": loss_c.detach(),
                "loss/mle": mle.detach(), **metrics, "energy/pos": e_pos_mean.detach(),
@@ -160,15 +173,19 @@ class Diffebm(Method):
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         x_start = self.sde.prior_sample((n, *self.spec.shape), device=self.device)
-        return simulate_generative(self.sde, self.networks["control"], x_start, steps=self.nfe)
+        control = self.networks.get("control_ema", self.networks["control"])
+        return simulate_generative(self.sde, control, x_start, steps=self.nfe)
 
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"ebm": -self.networks["energy"](x.to(self.device))}
+        energy = self.networks.get("energy_ema", self.networks["energy"])
+        return {"ebm": -energy(x.to(self.device))}
 
     def extra_state(self) -> dict:
-        return {"skipped": dict(self.skipped), "consecutive_skips": self.consecutive_skips}
+        return {"skipped": dict(self.skipped), "consecutive_skips": self.consecutive_skips,
+                "ema_updates": self.averages.updates}
 
     def load_extra_state(self, state: dict) -> None:
         if state:
             self.skipped = dict(state["skipped"])
             self.consecutive_skips = state["consecutive_skips"]
+            self.averages.updates = state.get("ema_updates", 0)
