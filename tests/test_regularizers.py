@@ -45,3 +45,19 @@ def test_elementwise_clipping_bounds_each_gradient_by_adams_second_moment():
     assert (p.grad.abs() <= bound + 1e-6).all()
     assert (p.grad.abs() == bound).float().mean() > 0.5  # most elements were clipped...
     assert torch.allclose(bound, 3 * first.abs() + 0.1, rtol=1e-3)  # ...to 3 × the one gradient seen so far
+
+
+def test_lr_halflife_halves_the_learning_rate_and_resumes_from_the_checkpointed_rate():
+    from ebm_scale.methods.mle import MleConfig  # any method: the decay lives in the shared optimizer_step
+    from ebm_scale.methods import DataSpec, build_method
+
+    cfg = MleConfig()
+    cfg.optim.lr, cfg.optim.lr_halflife = 1e-3, 4
+    method = build_method(cfg, DataSpec(shape=(2,), bounds=(-4.0, 4.0)), "cpu")
+    optimizer = next(iter(method.optimizers.values()))
+    for _ in range(8):
+        method.train_step(torch.randn(16, 2))
+    assert abs(optimizer.param_groups[0]["lr"] - 1e-3 / 4) < 1e-12  # two half-lives
+    restored = build_method(cfg, DataSpec(shape=(2,), bounds=(-4.0, 4.0)), "cpu")
+    restored.load_state_dict(method.state_dict())
+    assert next(iter(restored.optimizers.values())).param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]

@@ -171,6 +171,13 @@ class TrialOutcomes(Callback):
     def _clock(self) -> str:
         return f"[{time.time() - self.t0:4.0f}s]"
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        """Progress: trials report at each evaluation; the last one is printed by on_trial_complete."""
+        step = result.get("step", 0)
+        if step < self.iterations:
+            self.printer(f"{self._clock()} eval     {trial.trial_id}  step {step}/{self.iterations}  "
+                         f"{self.metric}={_fmt(result.get(self.metric))}")
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, trial_outcome(trial.last_result, self.iterations, error=False))
 

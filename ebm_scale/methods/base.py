@@ -52,6 +52,10 @@ class OptimConfig:
     # ±(k·sqrt(v̂) + 0.1), v̂ = Adam's bias-corrected second moment, so one wild batch cannot move a weight
     # by more than k "typical" steps. 0 = off.
     clip_elementwise_std: float = 0.0
+    # Exponential learning-rate decay: lr halves every `lr_halflife` optimizer steps; 0 = constant. Lets an
+    # adversarial pair that oscillates at a useful early lr settle later. Lives in the optimizer's
+    # param_groups, so a checkpoint carries it and a resumed run continues the same schedule.
+    lr_halflife: int = 0
 
     def validate(self, prefix: str) -> None:
         require(self.kind in OPTIMIZERS, f"{prefix}.kind", f"unknown optimizer {self.kind!r}", OPTIMIZERS)
@@ -63,6 +67,7 @@ class OptimConfig:
         require(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         require(self.clip_elementwise_std >= 0, f"{prefix}.clip_elementwise_std",
                 f"must be >= 0 (0 = off), got {self.clip_elementwise_std}")
+        require(self.lr_halflife >= 0, f"{prefix}.lr_halflife", f"must be >= 0 (0 = off), got {self.lr_halflife}")
 
     def build(self, params) -> torch.optim.Optimizer:
         if self.kind == "prodigy":
@@ -185,6 +190,9 @@ class Method(abc.ABC):
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         optimizer.step()
+        if settings is not None and settings.lr_halflife > 0:
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5 ** (1.0 / settings.lr_halflife)
         return norm.detach()
 
 
