@@ -95,3 +95,21 @@ def test_optuna_records_early_stopped_trials_as_pruned():
     assert states == {0: TrialState.PRUNED, 1: TrialState.COMPLETE, 2: TrialState.FAIL}
     pruned = searcher._ot_study.trials[0]
     assert pruned.intermediate_values == {1: 2.5} and pruned.user_attrs["outcome"] == "pruned"
+
+
+def test_progress_lines_are_printed_per_evaluation_at_most_every_interval():
+    from types import SimpleNamespace
+
+    from ebm_scale.engine.sweep import TrialOutcomes
+
+    for every, expected in ((0.0, 2), (3600.0, 0)):
+        lines: list[str] = []
+        outcomes = TrialOutcomes(None, "eval/sinkhorn", 30, lines.append, progress_every_s=every)
+        trial = SimpleNamespace(trial_id="abc", config={})
+        outcomes.on_trial_start(0, [], trial)
+        for step in (10, 20, 30):  # the last report is the final one: on_trial_complete prints it
+            outcomes.on_trial_result(0, [], trial, {"step": step, "eval/sinkhorn": 0.5})
+        progress = [line for line in lines if " eval " in line]
+        assert len(progress) == expected
+        if expected:
+            assert "step 10/30" in progress[0] and "eval/sinkhorn=0.5" in progress[0]

@@ -73,7 +73,6 @@ def test_two_trial_sweep_is_recorded_in_mlflow(tmp_path):
         assert {"plots/samples_000020.png", "plots/density_000020.png"} <= plots
     assert len(sampled) == 2, "the two trials should have sampled different step sizes"
     assert any("finished" in line for line in lines)
-    assert sum("eval " in line and "step 10/20" in line for line in lines) == 2  # progress at each evaluation
 
 
 def test_torch_trainer_trial_reports_to_tune_and_mlflow(tmp_path):

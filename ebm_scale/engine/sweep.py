@@ -149,11 +149,15 @@ def max_concurrent_trials(cfg: EbmScaleConfig, cluster: dict[str, float]) -> int
 class TrialOutcomes(Callback):
     """Runs in the sweep process: ends each trial's MLflow run with the outcome it really had."""
 
-    def __init__(self, ctx: TrialContext, metric: str, iterations: int, printer: Printer = print):
+    def __init__(self, ctx: TrialContext, metric: str, iterations: int, printer: Printer = print,
+                 progress_every_s: float = 30.0):
         self.ctx, self.metric, self.iterations = ctx, metric, iterations
         self.t0 = time.time()
         self.started: set[str] = set()
         self.printer = printer
+        # A progress line per trial at most this often: long runs show they are alive, short sweeps stay quiet.
+        self.progress_every_s = progress_every_s
+        self.last_shown: dict[str, float] = {}
 
     def __getstate__(self):  # Tune pickles callbacks into the sweep state; a printer need not survive
         return {k: v for k, v in self.__dict__.items() if k != "printer"}
@@ -165,6 +169,7 @@ class TrialOutcomes(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id not in self.started:
             self.started.add(trial.trial_id)
+            self.last_shown[trial.trial_id] = time.time()
             shown = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in trial.config.items())
             self.printer(f"{self._clock()} start    {trial.trial_id}  {shown}")
 
@@ -173,8 +178,9 @@ class TrialOutcomes(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         """Progress: trials report at each evaluation; the last one is printed by on_trial_complete."""
-        step = result.get("step", 0)
-        if step < self.iterations:
+        step, now = result.get("step", 0), time.time()
+        if step < self.iterations and now - self.last_shown.get(trial.trial_id, self.t0) >= self.progress_every_s:
+            self.last_shown[trial.trial_id] = now
             self.printer(f"{self._clock()} eval     {trial.trial_id}  step {step}/{self.iterations}  "
                          f"{self.metric}={_fmt(result.get(self.metric))}")
 
