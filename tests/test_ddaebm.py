@@ -95,6 +95,22 @@ def test_terminal_start_follows_the_measured_marginal():
     assert not forced.start_from_data
 
 
+def test_data_start_pool_is_a_uniform_reservoir_of_every_point_seen():
+    """Algorithm R: after streaming 5 batches of 100 points into a pool of 50, each batch holds ~1/5 of it."""
+    torch.manual_seed(0)
+    method = build_method(small_config(diffusion=DiffusionChainConfig(steps=3, terminal="data", terminal_pool=50)),
+                          SPEC, "cpu")
+    counts = torch.zeros(5)
+    for _ in range(400):
+        method.pool, method.pool_seen = torch.empty(0, 2), 0
+        for batch in range(5):  # each point's first coordinate names its batch
+            method._remember(torch.full((100, 2), float(batch)))
+        assert len(method.pool) == 50 and method.pool_seen == 500
+        counts += torch.bincount(method.pool[:, 0].long(), minlength=5)
+    share = counts / counts.sum()
+    assert torch.allclose(share, torch.full((5,), 0.2), atol=0.015), share
+
+
 def test_images_through_the_unet_nets():
     torch.manual_seed(0)
     cfg = small_config(net=DiffusionNetConfig(arch="unet", channels=8, channel_mults=(1, 2), embed_dim=8,

@@ -72,20 +72,24 @@ def test_unknown_activation_lists_allowed_names():
 def test_weight_averages_follow_the_warmed_up_decay_and_copy_buffers():
     from ebm_scale.nets.ema import WeightAverages
 
-    live = torch.nn.BatchNorm1d(3)  # one parameter vector (weight) and running-stat buffers
-    averages = WeightAverages(0.99)
-    ema = averages.copy_of(live)
-    assert not any(p.requires_grad for p in ema.parameters())
+    networks = {"norm": torch.nn.BatchNorm1d(3)}  # one parameter vector (weight) and running-stat buffers
+    averages = WeightAverages(0.99, networks, ("norm",))
+    live, ema = networks["norm"], networks["norm_ema"]
+    assert averages.network("norm") is ema and not any(p.requires_grad for p in ema.parameters())
     expected = live.weight.detach().clone()
     for k, value in enumerate([2.0, -1.0, 5.0], start=1):
         with torch.no_grad():
             live.weight.fill_(value)
             live.running_mean.fill_(value)
         averages.step()
-        averages.update(ema, live)
+        averages.update("norm")
         decay = min(0.99, (1 + k) / (10 + k))  # warm-up: early updates follow the live weights closely
         expected = decay * expected + (1 - decay) * value
         assert torch.allclose(ema.weight, expected)
         assert torch.equal(ema.running_mean, live.running_mean)
+    off = {"norm": torch.nn.BatchNorm1d(3)}
+    disabled = WeightAverages(0.0, off, ("norm",))
+    disabled.update("norm")
+    assert list(off) == ["norm"] and disabled.network("norm") is off["norm"]
     with pytest.raises(ValueError, match="decay"):
-        WeightAverages(1.0)
+        WeightAverages(1.0, {}, ())

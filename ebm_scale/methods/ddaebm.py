@@ -116,10 +116,7 @@ class Ddaebm(Method):
             generator_params += list(self.networks["encoder"].parameters())
         # EMA of G (sampling) and E (density): the adversarial game makes the energy's relative levels at
         # different modes oscillate from step to step; a density read off one step's energy inherits that.
-        self.averages = WeightAverages(cfg.ema_decay)
-        if self.averages.enabled:
-            self.networks["generator_ema"] = self.averages.copy_of(self.networks["generator"])
-            self.networks["energy_ema"] = self.averages.copy_of(self.networks["energy"])
+        self.averages = WeightAverages(cfg.ema_decay, self.networks, ("generator", "energy"))
         self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
         self.optimizers["generator"] = cfg.optim_generator.build(generator_params)
         # Decided on the first batch (terminal="auto" measures the data), then kept: see DiffusionChainConfig.
@@ -162,12 +159,13 @@ class Ddaebm(Method):
         grad_norm_g = self.optimizer_step(self.optimizers["generator"], loss_g, cfg.optim_generator)
         energy.requires_grad_(True)
         self.averages.step()
-        self._update_ema("generator")
+        self.averages.update("generator")
 
         # Energy: real pairs down, generated ones up, gradient penalty on the real x_{t−1} (eq. 22–23).
         x_real = x_prev.detach().requires_grad_(True)
-        e_real = energy(x_real, t - 1)
-        e_real_mean, e_fake_mean = e_real.mean(), energy(x_fake.detach(), t - 1).mean()
+        # One forward for both halves (every energy net here is per-sample: no batch statistics to mix).
+        e_real, e_fake = energy(torch.cat([x_real, x_fake.detach()]), torch.cat([t - 1, t - 1])).split(n)
+        e_real_mean, e_fake_mean = e_real.mean(), e_fake.mean()
         loss_e = e_real_mean - cfg.fake_weight * e_fake_mean
         if cfg.gradient_penalty > 0:
             conditional = e_real - sched.log_q_step(x_t, x_real, t)  # −log of p_θ(x_{t−1} | x_t)'s numerator
@@ -176,7 +174,7 @@ class Ddaebm(Method):
             loss_e = loss_e + penalty
             metrics["gradient_penalty"] = penalty.detach()
         grad_norm_e = self.optimizer_step(self.optimizers["energy"], loss_e, cfg.optim_energy)
-        self._update_ema("energy")
+        self.averages.update("energy")
 
         return {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/generator": loss_g.detach(),
                 "loss/l1": l1.mean().detach(), **metrics, "energy/real": e_real_mean.detach(),
@@ -196,10 +194,6 @@ class Ddaebm(Method):
         x0_hat = self.networks["generator"](x_t, z, t)
         return kl - self.schedule.posterior_log_prob(x_prev, x0_hat, x_t, t, cfg.posterior_var_floor)
 
-    def _update_ema(self, name: str) -> None:
-        if self.averages.enabled:
-            self.averages.update(self.networks[f"{name}_ema"], self.networks[name])
-
     @torch.no_grad()
     def _remember(self, x0: torch.Tensor) -> None:
         """Decide the sampler's start on the first batch; keep a reservoir of training points if it needs them."""
@@ -210,19 +204,22 @@ class Ddaebm(Method):
                 self.start_from_data = self.terminal_kl_value > self.cfg.diffusion.terminal_kl_tol
         if not self.start_from_data:
             return
-        room = self.cfg.diffusion.terminal_pool - len(self.pool)
-        if room > 0:
-            self.pool = torch.cat([self.pool, x0[:room]])
-        else:  # reservoir sampling: every point seen so far is equally likely to be in the pool
-            keep = torch.randint(0, self.pool_seen + 1, (len(x0),), device=self.device)
-            replace = keep < len(self.pool)
-            self.pool[keep[replace]] = x0[replace]
-        self.pool_seen += len(x0)
+        # Reservoir sampling (Vitter's algorithm R), so every point seen so far is equally likely to be in the
+        # pool: fill it first; then the point at stream position j (1-based) takes a uniform slot in 0..j−1,
+        # and replaces that pool entry if the slot is inside the pool.
+        n, capacity = len(x0), self.cfg.diffusion.terminal_pool
+        fill = min(max(capacity - len(self.pool), 0), n)
+        self.pool = torch.cat([self.pool, x0[:fill]])
+        position = self.pool_seen + torch.arange(fill + 1, n + 1, device=self.device)
+        slot = (torch.rand(n - fill, device=self.device) * position).long()
+        replace = slot < capacity
+        self.pool[slot[replace]] = x0[fill:][replace]
+        self.pool_seen += n
 
     # --- sampling and density ----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        generator = self.networks.get("generator_ema", self.networks["generator"])
+        generator = self.averages.network("generator")
         sched, steps = self.schedule, self.cfg.diffusion.steps
         x = torch.randn(n, *self.spec.shape, device=self.device)
         if self.start_from_data:
@@ -237,7 +234,7 @@ class Ddaebm(Method):
 
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.to(self.device)
-        energy = self.networks.get("energy_ema", self.networks["energy"])
+        energy = self.averages.network("energy")
         return {"ebm": -energy(x, torch.zeros(len(x), dtype=torch.long, device=self.device))}
 
     def extra_state(self) -> dict:

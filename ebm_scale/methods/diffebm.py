@@ -91,10 +91,7 @@ class Diffebm(Method):
         self.networks["control"] = build_control(spec.shape, cfg.control, "method.control").to(self.device)
         self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
         self.optimizers["control"] = cfg.optim_control.build(self.networks["control"].parameters())
-        self.averages = WeightAverages(cfg.ema_decay)
-        if self.averages.enabled:
-            for name in ("control", "energy"):
-                self.networks[f"{name}_ema"] = self.averages.copy_of(self.networks[name])
+        self.averages = WeightAverages(cfg.ema_decay, self.networks, ("control", "energy"))
         self.skipped = {"control": torch.zeros((), device=self.device), "energy": torch.zeros((), device=self.device)}
         self.consecutive_skips = 0
 
@@ -111,6 +108,9 @@ class Diffebm(Method):
                                    steps=cfg.sde.steps, keep_path=True)
         start, end = path.xs[0], path.xs[-1]
         log_prior = sde.prior_log_prob(start)
+        # Data and path ends in one energy forward (the energy is per-point). The control step below leaves θ
+        # untouched, so the same values serve it (detached) and the energy step.
+        e_pos, e_neg = energy(torch.cat([x_data, end])).split(n)
         metrics: dict[str, torch.Tensor] = {}
 
         # --- control: fit the data (DSM) and the current energy (log-variance against sg[E]) ---------------
@@ -124,16 +124,13 @@ class Diffebm(Method):
             with torch.set_grad_enabled(cfg.eta > 0):
                 running = running_cost(control, path)
         if cfg.eta > 0:
-            with torch.no_grad():
-                e_end = energy(end)
-            lv_c = log_variance(path_log_rnd(running, log_prior, -e_end)) / dim
+            lv_c = log_variance(path_log_rnd(running, log_prior, -e_neg.detach())) / dim
             loss_c = loss_c + cfg.eta * lv_c
             metrics["loss/lv_control"] = lv_c.detach()
         grad_norm_c = self._step_if_finite("control", loss_c, cfg.optim_control)
 
         # --- energy: MLE against the generated samples + log-variance against sg[A] ----------------------
-        e_neg = energy(end)
-        e_pos_mean, e_neg_mean = energy(x_data).mean(), e_neg.mean()
+        e_pos_mean, e_neg_mean = e_pos.mean(), e_neg.mean()
         mle = e_pos_mean - e_neg_mean
         loss_e = (1 - cfg.alpha) * mle
         if cfg.alpha > 0:
@@ -141,10 +138,8 @@ class Diffebm(Method):
             loss_e = loss_e + cfg.alpha * lv_e
             metrics["loss/lv_energy"] = lv_e.detach()
         grad_norm_e = self._step_if_finite("energy", loss_e, cfg.optim_energy)
-        if self.averages.enabled:
-            self.averages.step()
-            for name in ("control", "energy"):
-                self.averages.update(self.networks[f"{name}_ema"], self.networks[name])
+        self.averages.step()
+        self.averages.update("control", "energy")
 
         out = {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/control": loss_c.detach(),
                "loss/mle": mle.detach(), **metrics, "energy/pos": e_pos_mean.detach(),
@@ -173,12 +168,10 @@ class Diffebm(Method):
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         x_start = self.sde.prior_sample((n, *self.spec.shape), device=self.device)
-        control = self.networks.get("control_ema", self.networks["control"])
-        return simulate_generative(self.sde, control, x_start, steps=self.nfe)
+        return simulate_generative(self.sde, self.averages.network("control"), x_start, steps=self.nfe)
 
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        energy = self.networks.get("energy_ema", self.networks["energy"])
-        return {"ebm": -energy(x.to(self.device))}
+        return {"ebm": -self.averages.network("energy")(x.to(self.device))}
 
     def extra_state(self) -> dict:
         return {"skipped": dict(self.skipped), "consecutive_skips": self.consecutive_skips,
