@@ -27,7 +27,6 @@ from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
 from ebm_scale.engine.state import load_state
 from ebm_scale.methods import build_method
 from ebm_scale.metrics.chains import McmcEvalConfig, evaluate_chains
-from ebm_scale.samplers import sample_hmc
 
 
 class TrueDensityHmc:
@@ -38,13 +37,11 @@ class TrueDensityHmc:
         self.method, self.log_prob = method, log_prob
 
     def long_chains(self, chains: int, length: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
-        s = self.method.cfg.sampler
         with torch.no_grad():
             start = self.method.flow(init_scale * torch.randn(chains, *self.method.spec.shape))
         states: list[torch.Tensor] = []
-        sample_hmc(lambda x: -self.log_prob(x), start, steps=length, leapfrog_steps=s.leapfrog_steps,
-                   step_size=s.step_size, target_accept=s.target_accept, adapt=s.adapt, adapt_rate=s.adapt_rate,
-                   callback=lambda info: states.append(info["x"]))
+        self.method.hmc(lambda x: -self.log_prob(x), start, length, self.method.cfg.sampler.step_size,
+                        callback=lambda info: states.append(info["x"]))
         return {"true_density": torch.stack(states, dim=1)}
 
 
@@ -72,7 +69,7 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="ebm_scale_mixing_")
     print(f"{cfg.method.name} on {cfg.data.name}, step {state['step']}: {args.chains} chains × {args.length} "
           f"transitions, burn-in {args.burn_in}")
-    if args.reference and (data.log_prob is None or not hasattr(method, "flow")):
+    if args.reference and (data.log_prob is None or not hasattr(method, "hmc")):
         raise SystemExit(f"--reference needs an HMC method on a flow (nt_ebm) and data with an exact density; "
                          f"got {cfg.method.name} on {cfg.data.name}")
     for scale in args.scales:

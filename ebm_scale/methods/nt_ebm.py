@@ -129,11 +129,15 @@ class NtEbm(Method):
         with torch.no_grad():
             return self.flow(z)
 
-    def _hmc(self, x0: torch.Tensor, space: str, steps: int, step_size, callback=None) -> torch.Tensor:
+    def hmc(self, energy_fn, x0: torch.Tensor, steps: int, step_size, callback=None) -> torch.Tensor:
+        """This model's HMC (its L, target acceptance and adaptation) on any energy: `_target(space)`, or a
+        reference density (benchmarks/mixing.py runs the data-space sampler on the exact one)."""
         s = self.cfg.sampler
-        target = self.latent_energy if space == "latent" else self.data_energy
-        return sample_hmc(target, x0, steps=steps, leapfrog_steps=s.leapfrog_steps, step_size=step_size,
+        return sample_hmc(energy_fn, x0, steps=steps, leapfrog_steps=s.leapfrog_steps, step_size=step_size,
                           target_accept=s.target_accept, adapt=s.adapt, adapt_rate=s.adapt_rate, callback=callback)
+
+    def _target(self, space: str):
+        return self.latent_energy if space == "latent" else self.data_energy
 
     def _to_data(self, states: torch.Tensor, space: str) -> torch.Tensor:
         if space == "data":
@@ -150,7 +154,7 @@ class NtEbm(Method):
         if self.chains is None or not s.persistent or self.chains.shape[0] != n:
             self.chains = self._fresh(n, s.space)
         stats = _HmcStats()
-        self.chains = self._hmc(self.chains, s.space, s.steps, self.step_size, callback=stats)
+        self.chains = self.hmc(self._target(s.space), self.chains, s.steps, self.step_size, callback=stats)
         self.step_size = stats.step_size
         x_neg = self._to_data(self.chains, s.space)
 
@@ -183,7 +187,7 @@ class NtEbm(Method):
         """Fresh chains from q_α, `sample_steps` HMC transitions (starting at the trained step size), in the
         configured space, returned as data."""
         space = self.cfg.sampler.space
-        states = self._hmc(self._fresh(n, space), space, self.cfg.sampler.sample_steps, self.step_size)
+        states = self.hmc(self._target(space), self._fresh(n, space), self.cfg.sampler.sample_steps, self.step_size)
         return self._to_data(states, space)
 
     @torch.no_grad()
@@ -201,8 +205,8 @@ class NtEbm(Method):
         for space in SPACES:
             states: list[torch.Tensor] = []
             start = self._to_data(z0, "latent") if space == "data" else z0  # the same points for both samplers
-            self._hmc(start, space, length, self.cfg.sampler.step_size,
-                      callback=lambda info, space=space: states.append(self._to_data(info["x"], space)))
+            self.hmc(self._target(space), start, length, self.cfg.sampler.step_size,
+                     callback=lambda info, space=space: states.append(self._to_data(info["x"], space)))
             traces[space] = torch.stack(states, dim=1)
         return traces
 
