@@ -184,3 +184,37 @@ def test_conv_down_to_one_pixel_and_mlp_ignores_shape_rules():
     vae = VAE((1, 8, 8), VAEConfig(arch="conv", latent_dim=2, hidden=2, layers=3))  # 8 → 4 → 2 → 1
     assert vae.decode(torch.zeros(3, 2))[0].shape == (3, 1, 8, 8)
     VAEConfig(arch="mlp").check_shape((3, 12, 12), "method.vae")
+
+
+def test_kl_warmup_ramps_the_kl_weight_and_continues_exactly():
+    """`vae`'s kl_warmup: the loss weighs the KL by min(1, k/W) at iteration k, the logged ELBO stays the true
+    bound, and the ramp position is part of the method's state (a resumed run does not restart the ramp)."""
+    from ebm_scale.methods import DataSpec, build_method
+    from ebm_scale.methods.vae import VaeConfig
+
+    torch.manual_seed(0)
+    spec, warmup = DataSpec(shape=(2,), bounds=(-4.0, 4.0)), 4
+    cfg = VaeConfig(vae=VAEConfig(hidden=16, layers=2, latent_dim=3), kl_warmup=warmup)
+    method = build_method(cfg, spec, "cpu")
+    batch = torch.randn(32, 2)
+    for k in range(1, 3):
+        out = method.train_step(batch)
+        weight = out["kl_weight"].item()
+        assert weight == pytest.approx(k / warmup)
+        # loss = −(rec − w·KL) while elbo = rec − KL, so loss + elbo = −(1 − w)·KL
+        assert (out["loss"] + out["elbo"]).item() == pytest.approx(-(1 - weight) * out["kl"].item(), rel=1e-5)
+    resumed = build_method(cfg, spec, "cpu")
+    resumed.load_state_dict(method.state_dict())
+    assert [resumed.train_step(batch)["kl_weight"].item() for _ in range(3)] == [0.75, 1.0, 1.0]
+    plain = build_method(VaeConfig(vae=VAEConfig(hidden=16, layers=2, latent_dim=3)), spec, "cpu")
+    out = plain.train_step(batch)
+    assert out["kl_weight"].item() == 1.0 and (out["loss"] + out["elbo"]).abs().item() < 1e-5
+
+
+def test_vaebm_pretrains_its_vae_with_the_warmup_it_is_given():
+    from ebm_scale.methods.vaebm import Vaebm, VaebmConfig, VaePretrainConfig
+
+    cfg = VaebmConfig(pretrain=VaePretrainConfig(kl_warmup=123))
+    assert Vaebm.backbone_method_config(cfg).kl_warmup == 123
+    with pytest.raises(ConfigError, match="method.pretrain.kl_warmup"):
+        VaebmConfig(pretrain=VaePretrainConfig(kl_warmup=-1)).validate()

@@ -50,11 +50,20 @@ class VaebmSamplerConfig:
 
 
 @dataclass
+class VaePretrainConfig(PretrainConfig):
+    kl_warmup: int = 0  # the stage-1 VAE's KL warm-up (`vae`'s kl_warmup): iterations of the 0 → 1 ramp
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        require(self.kl_warmup >= 0, f"{prefix}.kl_warmup", f"must be >= 0 (0 = no warm-up), got {self.kl_warmup}")
+
+
+@dataclass
 class VaebmConfig:
     name: str = "vaebm"
     backbone: str = ""           # runs:/<run_id>/backbone | a path to backbone.pt (or its folder) | "" = pretrain
     vae: VAEConfig = field(default_factory=VAEConfig)          # used only when pretraining
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pretrain: VaePretrainConfig = field(default_factory=VaePretrainConfig)
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
     sampler: VaebmSamplerConfig = field(default_factory=VaebmSamplerConfig)
     spectral_weight: float = 0.2     # paper: 0.2
@@ -118,7 +127,8 @@ class Vaebm(Method):
     @classmethod
     def backbone_method_config(cls, cfg: VaebmConfig) -> VaeConfig:
         """Stage 1's method config when the engine pretrains the backbone."""
-        return VaeConfig(vae=cfg.vae, iw_samples=cfg.iw_samples, optim=OptimConfig(lr=cfg.pretrain.lr))
+        return VaeConfig(vae=cfg.vae, iw_samples=cfg.iw_samples, kl_warmup=cfg.pretrain.kl_warmup,
+                         optim=OptimConfig(lr=cfg.pretrain.lr))
 
     @property
     def energy(self) -> torch.nn.Module:

@@ -172,11 +172,16 @@ class VAE(nn.Module):
 
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
         """E_q[log p(x|z)] − KL(q(z|x) ‖ N(0, I)), one reparameterised z, the KL in closed form: (n,) nats."""
+        reconstruction, kl = self.elbo_terms(x)
+        return reconstruction - kl
+
+    def elbo_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ELBO's two terms, (n,) each: the one-sample reconstruction log p(x|z), z ~ q(z|x), and the KL."""
         mu_z, log_sigma_z = self.encode(x)
         z = mu_z + torch.exp(log_sigma_z) * torch.randn_like(mu_z)
         reconstruction = _log_normal(x, *self.decode(z))
         kl = 0.5 * (mu_z**2 + torch.exp(2 * log_sigma_z) - 1 - 2 * log_sigma_z).sum(1)
-        return reconstruction - kl
+        return reconstruction, kl
 
     def log_likelihood(self, x: torch.Tensor, samples: int = 1000, chunk: int | None = None) -> torch.Tensor:
         """IWAE bound (Burda et al. 2016) log (1/K) Σ_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), K = `samples`: (n,) nats.
