@@ -46,6 +46,22 @@ def test_too_small_box_shows_up_as_boundary_mass():
     assert report["boundary_mass"] > 0.05
 
 
+@pytest.mark.parametrize("std, grid_size, resolved", [(0.3, 200, True), (0.02, 100, False)])
+def test_resolution_gap_flags_a_density_narrower_than_the_grid(std, grid_size, resolved):
+    centre = torch.tensor([0.013, -0.021], dtype=torch.float64)  # off the grid's symmetry
+
+    def log_prob(x):
+        return -0.5 * (x - centre).pow(2).sum(1) / std**2 - math.log(2 * math.pi * std**2)
+
+    x = centre + std * torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    report = quadrature_log_likelihood(log_prob, x, (-4.0, 4.0), grid_size=grid_size, no_grad=True)
+    error = abs(report["log_z"])  # the density is normalized: any log Z ≠ 0 is quadrature error
+    if resolved:
+        assert report["resolution_gap"] < 1e-6 and error < 1e-6
+    else:  # a cell of 0.08 against a std of 0.02: the error is real, and the gap says so without understating it
+        assert error > 0.1 and report["resolution_gap"] > max(1.0, error)
+
+
 def test_grid_layout_rows_are_y_and_columns_are_x():
     xs, ys, values = log_density_grid(lambda x: x[:, 0] + 10 * x[:, 1], (-1.0, 1.0), 4, no_grad=True)
     assert values.shape == (4, 4)

@@ -97,6 +97,22 @@ def log_normalizer(grid: DensityGrid) -> tuple[float, float]:
     return float(log_total) + grid.log_cell_area, float(boundary_mass)
 
 
+def resolution_gap(grid: DensityGrid) -> float:
+    """|log Z − log Z on the same grid at half resolution| (every other cell, 4× the cell area).
+
+    The midpoint rule is very accurate for densities that are smooth on the grid's scale and poor for features
+    narrower than about a cell (a VAE with a small σ_x, a sharpening energy). This gap bounds that error from
+    above at no extra cost (the half-resolution sum is the worse of the two): near 0 means the grid resolves
+    the density; a gap comparable to the log-likelihood differences being read calls for a finer
+    `eval.grid_size`. For a Gaussian of std 0.02 on [−4, 4]²: grid 100 → log Z off by 0.34, gap 2.9;
+    grid 200 → 0.02, gap 0.45; grid 400 → 1e-7, gap 0.015."""
+    coarse = grid.values[::2, ::2]
+    log_cell = grid.log_cell_area
+    fine_z = float(torch.logsumexp(grid.values.reshape(-1), 0)) + log_cell
+    coarse_z = float(torch.logsumexp(coarse.reshape(-1), 0)) + log_cell + math.log(4.0)
+    return abs(fine_z - coarse_z)
+
+
 def quadrature_log_likelihoods(
     fn: NamedLogDensityFn,
     x_test: Tensor,
@@ -106,7 +122,7 @@ def quadrature_log_likelihoods(
 ) -> tuple[dict[str, dict[str, float]], dict[str, DensityGrid]]:
     """Quadrature test log-likelihood of every named density of a dict-valued fn.
 
-    Returns ({name: {log_likelihood, log_z, boundary_mass}}, {name: DensityGrid}); the grids come back so
+    Returns ({name: {log_likelihood, log_z, boundary_mass, resolution_gap}}, {name: DensityGrid}); the grids come back so
     callers can plot them without evaluating the density twice.
     """
     grids = log_density_grids(fn, bounds, grid_size, **chunk_kwargs)
@@ -118,6 +134,7 @@ def quadrature_log_likelihoods(
             "log_likelihood": float(test_values[name].mean()) - log_z,
             "log_z": log_z,
             "boundary_mass": boundary_mass,
+            "resolution_gap": resolution_gap(grid),
         }
     return reports, grids
 
@@ -129,7 +146,7 @@ def quadrature_log_likelihood(
     grid_size: int = 256,
     **chunk_kwargs,
 ) -> dict[str, float]:
-    """{log_likelihood, log_z, boundary_mass} of one (n,)-valued unnormalized log density:
+    """{log_likelihood, log_z, boundary_mass, resolution_gap} of one (n,)-valued unnormalized log density:
     mean log p̃(x_test) − log Z, with log Z by quadrature over [low, high]^2."""
     reports, _ = quadrature_log_likelihoods(_as_named(log_density_fn), x_test, bounds, grid_size, **chunk_kwargs)
     return reports[_SINGLE]

@@ -23,6 +23,7 @@ _DENSITY_METRICS = {
     "log_likelihood": "eval/test_ll/{}",
     "log_z": "eval/log_z/{}",
     "boundary_mass": "eval/boundary_mass/{}",
+    "resolution_gap": "eval/resolution_gap/{}",
 }
 
 
