@@ -199,16 +199,21 @@ def test_kl_warmup_ramps_the_kl_weight_and_continues_exactly():
     batch = torch.randn(32, 2)
     for k in range(1, 3):
         out = method.train_step(batch)
-        weight = out["kl_weight"].item()
+        weight = method.kl_weight()  # the weight step k used
         assert weight == pytest.approx(k / warmup)
         # loss = −(rec − w·KL) while elbo = rec − KL, so loss + elbo = −(1 − w)·KL
         assert (out["loss"] + out["elbo"]).item() == pytest.approx(-(1 - weight) * out["kl"].item(), rel=1e-5)
     resumed = build_method(cfg, spec, "cpu")
     resumed.load_state_dict(method.state_dict())
-    assert [resumed.train_step(batch)["kl_weight"].item() for _ in range(3)] == [0.75, 1.0, 1.0]
+    weights = []
+    for _ in range(3):
+        out = resumed.train_step(batch)
+        weights.append(resumed.kl_weight())
+        assert (out["loss"] + out["elbo"]).item() == pytest.approx(-(1 - weights[-1]) * out["kl"].item(), rel=1e-5, abs=1e-6)
+    assert weights == [0.75, 1.0, 1.0]
     plain = build_method(VaeConfig(vae=VAEConfig(hidden=16, layers=2, latent_dim=3)), spec, "cpu")
     out = plain.train_step(batch)
-    assert out["kl_weight"].item() == 1.0 and (out["loss"] + out["elbo"]).abs().item() < 1e-5
+    assert plain.kl_weight() == 1.0 and (out["loss"] + out["elbo"]).abs().item() < 1e-5
 
 
 def test_vaebm_pretrains_its_vae_with_the_warmup_it_is_given():

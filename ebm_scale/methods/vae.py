@@ -58,12 +58,12 @@ class Vae(Method):
         self.iteration += 1
         reconstruction, kl = self.networks["vae"].elbo_terms(batch.to(self.device, non_blocking=True))
         reconstruction, kl = reconstruction.mean(), kl.mean()
-        weight = self.kl_weight()
-        loss = -(reconstruction - weight * kl)
+        loss = -(reconstruction - self.kl_weight() * kl)
         grad_norm = self.optimizer_step(self.optimizers["vae"], loss, self.cfg.optim)
         # "elbo" is always the true bound (weight 1), so curves stay comparable across warm-up settings.
+        # (The KL weight itself is not logged: it is kl_weight() of the step, known from the config.)
         return {"loss": loss.detach(), "elbo": (reconstruction - kl).detach(), "kl": kl.detach(),
-                "kl_weight": torch.tensor(weight, device=self.device), "grad_norm": grad_norm}
+                "grad_norm": grad_norm}
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
