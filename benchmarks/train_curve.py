@@ -3,7 +3,7 @@ Sinkhorn and test log-likelihood without Ray or MLflow (how the 2D figures of is
 
     uv run python benchmarks/train_curve.py 5000 ddaebm_toy method.diffusion.steps=1 [--every 1000] [--out DIR]
 
-Seeds are fixed (network init 0, batches 0, data seed 0), single-threaded; prints the evaluation metrics
+Seeds are fixed (network init, batches and data from --seed, default 0), single-threaded; prints the metrics
 at every checkpoint and writes samples/density PNGs to --out. `train_in_process` is the loop the other
 in-process benchmark (equal_budget.py) shares.
 """
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--every", type=int, default=1000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--seed", type=int, default=0, help="network init, batches and data draw")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = args.out or tempfile.mkdtemp(prefix="ebm_scale_curve_")
@@ -68,7 +69,7 @@ def main() -> None:
         shown = {k: round(v, 3) for k, v in metrics.items() if "test_ll" in k or k.startswith("eval/sinkhorn")}
         print(step, shown, f"{time.time() - started:.0f}s", flush=True)
 
-    train_in_process(compose(args.sweep, args.overrides), 0, out, done=lambda step, _: step >= args.iterations,
+    train_in_process(compose(args.sweep, args.overrides), args.seed, out, done=lambda step, _: step >= args.iterations,
                      every=args.every, on_eval=show)
     print(f"pictures: {out}")
 

@@ -1,5 +1,5 @@
-"""`vaebm`: Langevin in the VAE's noise space targets the tilted joint, the training step, the replay-buffer
-ramp, densities, and exact continuation from extra_state."""
+"""`vaebm`: Langevin and HMC in the VAE's noise space target the tilted joint, the training step, the replay-buffer
+ramp, the adapted HMC step, densities, and exact continuation from extra_state."""
 import copy
 
 import pytest
@@ -11,7 +11,7 @@ from ebm_scale.methods.backbone import backbone_state, save_backbone
 from ebm_scale.methods.vaebm import VaebmConfig, VaebmSamplerConfig
 from ebm_scale.nets.energy import EnergyNetConfig
 from ebm_scale.nets.vae import VAE, VAEConfig
-from ebm_scale.samplers import sample_langevin
+from ebm_scale.samplers import HmcStats, sample_langevin
 from method_checks import assert_continues_exactly
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
@@ -41,6 +41,25 @@ def tilted_joint():
     linear = torch.cat([-(W.T @ B) / SIGMA**2, B / SIGMA**2])
     cov = torch.linalg.inv(precision)
     return cov @ linear, cov
+
+
+def test_hmc_in_noise_space_targets_the_tilted_joint_and_adapts_to_the_target_acceptance(tmp_path):
+    # The method's own sampler (kind hmc, MALA: L = 1), started far from the adapted step size.
+    torch.manual_seed(0)
+    cfg = VaebmConfig(backbone=linear_vae_backbone(tmp_path),
+                      sampler=VaebmSamplerConfig(kind="hmc", step_size=2.0, leapfrog_steps=1))
+    method = build_method(cfg, SPEC, "cpu")
+    method.vae.double()
+    method.networks["energy"] = Quadratic()
+    method.step_size = method.step_size.double()
+    stats = HmcStats()
+    eps = method.run_chains(torch.randn(4000, method.space.dim, dtype=torch.float64), 600, callback=stats)
+    x, z = method.vae.transform(*method.space.unpack(eps))
+    samples = torch.cat([z, x.detach()], 1)
+    mean, cov = tilted_joint()
+    assert torch.allclose(samples.mean(0), mean, atol=0.05)
+    assert torch.allclose(samples.T.cov(), cov, atol=0.05)
+    assert 0.55 < float(stats.mean_accept()) < 0.75 and float(stats.step_size) < 1.0
 
 
 def test_langevin_in_noise_space_targets_the_same_joint_as_in_data_and_latent_space(tmp_path):
@@ -98,6 +117,25 @@ def test_train_step_reports_detached_finite_terms_and_never_touches_the_vae(tmp_
     assert set(method.optimizers["energy"].param_groups[0]["params"]) == set(method.energy.parameters())
 
 
+def test_hmc_training_reports_acceptance_and_carries_its_adapted_step(tmp_path):
+    method = build_method(small_config(small_vae_backbone(tmp_path), kind="hmc", leapfrog_steps=2), SPEC, "cpu")
+    steps = []
+    for _ in range(3):
+        out = method.train_step(torch.randn(32, 2))
+        assert 0 <= float(out["mcmc/accept_rate"]) <= 1
+        steps.append(float(out["mcmc/step_size"]))
+        assert float(method.step_size) == steps[-1]  # the next iteration starts from the adapted ε
+    # 3 transitions per iteration, each multiplying ε by 1.02 or 1/1.02: it moved, by at most 1.02^9 in all.
+    assert steps[-1] != 0.05 and 1.02 ** -9 - 1e-6 <= steps[-1] / 0.05 <= 1.02 ** 9 + 1e-6
+    assert method.sample(6).shape == (6, 2)
+    assert set(method.long_chains(3, 5)) == {"eps_hmc"}
+
+
+def test_unknown_sampler_kind_is_a_config_error(tmp_path):
+    with pytest.raises(Exception, match="kind"):
+        build_method(small_config(small_vae_backbone(tmp_path), kind="gibbs"), SPEC, "cpu")
+
+
 def test_samples_and_densities(tmp_path):
     method = build_method(small_config(small_vae_backbone(tmp_path)), SPEC, "cpu")
     assert method.sample(10).shape == (10, 2)
@@ -121,6 +159,7 @@ def test_replay_buffer_reuse_probability_ramps_linearly(tmp_path):
     assert len(method.buffer) == 16 * 6
 
 
-def test_continues_exactly_from_its_state(tmp_path):
-    cfg = small_config(small_vae_backbone(tmp_path), buffer=True, buffer_ramp_iters=3)
+@pytest.mark.parametrize("kind", ["langevin", "hmc"])
+def test_continues_exactly_from_its_state(tmp_path, kind):
+    cfg = small_config(small_vae_backbone(tmp_path), buffer=True, buffer_ramp_iters=3, kind=kind)
     a, b = assert_continues_exactly(lambda: build_method(cfg, SPEC, "cpu"), [torch.randn(16, 2) for _ in range(4)])

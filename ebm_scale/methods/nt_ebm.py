@@ -24,7 +24,7 @@ from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.methods.flow import FlowMethodConfig
 from ebm_scale.nets.energy import EnergyNetConfig, build_energy
 from ebm_scale.nets.flow import FlowConfig
-from ebm_scale.samplers import mean_grad_norm, sample_hmc
+from ebm_scale.samplers import HmcStats, mean_grad_norm, sample_hmc
 
 SPACES = ("latent", "data")
 OBJECTIVES = ("mle", "nce")
@@ -153,7 +153,7 @@ class NtEbm(Method):
         n, s = x_pos.shape[0], self.cfg.sampler
         if self.chains is None or not s.persistent or self.chains.shape[0] != n:
             self.chains = self._fresh(n, s.space)
-        stats = _HmcStats()
+        stats = HmcStats()
         self.chains = self.hmc(self._target(s.space), self.chains, s.steps, self.step_size, callback=stats)
         self.step_size = stats.step_size
         x_neg = self._to_data(self.chains, s.space)
@@ -165,7 +165,7 @@ class NtEbm(Method):
         loss = loss.detach()
         return {"loss": loss, "loss/ml": loss, "energy/pos": e_pos.detach(), "energy/neg": e_neg.detach(),
                 "energy_gap": loss, "mcmc/accept_rate": stats.mean_accept(), "mcmc/step_size": stats.step_size,
-                "chain/grad_norm_last": mean_grad_norm(stats.last_grad), "grad_norm": grad_norm}
+                "chain/grad_norm_last": mean_grad_norm(stats.last), "grad_norm": grad_norm}
 
     def _nce_step(self, x_pos: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logistic regression, data = 1 vs flow samples = 0, logit = b − E(x): at the optimum b − E(x) =
@@ -220,21 +220,3 @@ class NtEbm(Method):
         if "step_size" in state:
             self.step_size = state["step_size"].to(self.device)
 
-
-class _HmcStats:
-    """HMC callback: mean acceptance over the transitions, the last step size and last ∇E, all on device."""
-
-    def __init__(self):
-        self.accept_sum: torch.Tensor | None = None
-        self.count = 0
-        self.step_size: torch.Tensor | None = None
-        self.last_grad: torch.Tensor | None = None
-
-    def __call__(self, info: dict) -> None:
-        accept = info["accept_prob"].mean()
-        self.accept_sum = accept if self.accept_sum is None else self.accept_sum + accept
-        self.count += 1
-        self.step_size, self.last_grad = info["step_size"], info["grad"]
-
-    def mean_accept(self) -> torch.Tensor:
-        return self.accept_sum / self.count

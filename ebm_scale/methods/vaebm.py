@@ -7,6 +7,13 @@ In ε-space the target is ∝ exp(−E(T(ε))) · N(ε; 0, I): every coordinate 
 serves z and x alike (the paper's point, its appendix B). Training is contrastive maximum likelihood on E
 with negatives T(ε_K) from K Langevin steps, plus the spectral regularizer. The VAE is stage 1 (`vae`),
 referenced by `backbone` and never updated here.
+
+`sampler.kind: hmc` swaps the paper's fixed-step Langevin for Metropolis-corrected HMC in the same ε-space
+with its step adapted toward a target acceptance (leapfrog_steps 1 = MALA) — not in the paper. Why it exists:
+as E sharpens, U's curvature in ε-space is ~ Jᵀ∇²E J through the decoder's Jacobian J, so a step that was
+stable early overshoots later; a fixed-step chain then scatters its negatives and the energy chases them
+(on 25gaussians every Langevin setting tried ran away; see the README). The MH test keeps the chain exact
+and the adaptation shrinks ε as the energy sharpens.
 """
 from __future__ import annotations
 
@@ -23,12 +30,16 @@ from ebm_scale.methods.vae import VaeConfig
 from ebm_scale.nets.energy import EnergyNetConfig, build_energy
 from ebm_scale.nets.spectral import SpectralPenalty
 from ebm_scale.nets.vae import VAEConfig
-from ebm_scale.samplers import ChainEnds, ReplayBuffer, mean_grad_norm, sample_langevin
+from ebm_scale.samplers import ChainEnds, HmcStats, ReplayBuffer, mean_grad_norm, sample_hmc, sample_langevin
+
+SAMPLER_KINDS = ("langevin", "hmc")
 
 
 @dataclass
 class VaebmSamplerConfig:
-    step_size: float = 8e-5      # η, shared by ε_z and ε_x (paper Table 8, CIFAR-10)
+    kind: str = "langevin"       # langevin (the paper) | hmc (Metropolis-corrected, step adapted; see the docstring)
+    step_size: float = 8e-5      # langevin: η, shared by ε_z and ε_x (paper Table 8, CIFAR-10); hmc: the initial
+                                 # leapfrog ε (for L = 1 the proposal is a Langevin step with η = ε²)
     steps: int = 10              # K at training
     sample_steps: int = 16       # K at test time (paper: longer chains than training, 16 vs 10)
     noise_scale: float = 1.0     # σ in ε ← ε − η/2 ∇U + σ√η ω (1 = Langevin proper)
@@ -36,8 +47,15 @@ class VaebmSamplerConfig:
     buffer_size: int = 10000
     buffer_max_prob: float = 0.6     # reuse probability p reached at the end of the ramp
     buffer_ramp_iters: int = 5000    # p rises linearly 0 → max over these iterations
+    leapfrog_steps: int = 1      # hmc: L per transition (1 = MALA)
+    target_accept: float = 0.651 # hmc: ε·(1 + adapt_rate) above it, ε/(1 + adapt_rate) below (as nt_ebm)
+    adapt_rate: float = 0.02
 
     def validate(self, prefix: str) -> None:
+        require(self.kind in SAMPLER_KINDS, f"{prefix}.kind", f"unknown sampler {self.kind!r}", allowed=SAMPLER_KINDS)
+        require(self.leapfrog_steps >= 1, f"{prefix}.leapfrog_steps", f"must be >= 1, got {self.leapfrog_steps}")
+        require(0 < self.target_accept < 1, f"{prefix}.target_accept", f"must be in (0, 1), got {self.target_accept}")
+        require(self.adapt_rate > 0, f"{prefix}.adapt_rate", f"must be > 0, got {self.adapt_rate}")
         require(self.step_size > 0, f"{prefix}.step_size", f"must be > 0, got {self.step_size}")
         require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
         require(self.sample_steps >= 1, f"{prefix}.sample_steps", f"must be >= 1, got {self.sample_steps}")
@@ -107,6 +125,7 @@ class Vaebm(Method):
     name = "vaebm"
     config_class = VaebmConfig
     backbone_kind = "vae"
+    curve_keys = ("mcmc/accept_rate", "mcmc/step_size")  # hmc only (langevin reports neither)
 
     def __init__(self, cfg: VaebmConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
@@ -123,6 +142,7 @@ class Vaebm(Method):
         self.buffer = ReplayBuffer(self.vae.latent_shape, self.device, capacity=s.buffer_size, reinit_prob=1.0) \
             if s.buffer else None
         self.iteration = 0
+        self.step_size = torch.tensor(s.step_size, device=self.device)  # hmc: the adapted ε, carried across iterations
 
     @classmethod
     def backbone_method_config(cls, cfg: VaebmConfig) -> VaeConfig:
@@ -140,8 +160,14 @@ class Vaebm(Method):
         x, _ = self.vae.transform(eps_z, eps_x)
         return self.energy(x) + 0.5 * eps.pow(2).sum(dim=1)
 
-    def _langevin(self, eps0: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
+    def run_chains(self, eps0: torch.Tensor, steps: int, step_size=None, callback=None) -> torch.Tensor:
+        """`steps` steps of the configured sampler on U from eps0. hmc starts at `step_size` (default: the ε
+        adapted during training) and reports its adapted ε through the callback; langevin uses the fixed η."""
         s = self.cfg.sampler
+        if s.kind == "hmc":
+            return sample_hmc(self.noise_energy, eps0, steps=steps, leapfrog_steps=s.leapfrog_steps,
+                              step_size=self.step_size if step_size is None else step_size,
+                              target_accept=s.target_accept, adapt_rate=s.adapt_rate, callback=callback)
         return sample_langevin(self.noise_energy, eps0, steps=steps, step_size=s.step_size,
                                noise_scale=s.noise_scale, callback=callback)
 
@@ -162,8 +188,13 @@ class Vaebm(Method):
             eps_z = self.buffer.init(n)
         else:
             eps_z = torch.randn(n, *self.vae.latent_shape, device=self.device)
-        ends = ChainEnds()
-        eps = self._langevin(self.space.pack(eps_z, eps_x), s.steps, callback=ends)
+        ends = HmcStats() if s.kind == "hmc" else ChainEnds()
+        eps = self.run_chains(self.space.pack(eps_z, eps_x), s.steps, callback=ends)
+        if s.kind == "hmc":
+            self.step_size = ends.step_size
+            metrics = {"mcmc/accept_rate": ends.mean_accept(), "mcmc/step_size": ends.step_size}
+        else:
+            metrics = {}
         if self.buffer is not None:
             self.buffer.update(self.space.unpack(eps)[0])
         x_neg = self.to_data(eps)
@@ -172,7 +203,6 @@ class Vaebm(Method):
         e_pos, e_neg = energies[:n].mean(), energies[n:].mean()
         loss_ml = e_pos - e_neg
         loss = loss_ml
-        metrics = {}
         if cfg.energy_reg > 0:
             loss_reg = cfg.energy_reg * energies.pow(2).mean()
             loss = loss + loss_reg
@@ -189,9 +219,9 @@ class Vaebm(Method):
                 "grad_norm": grad_norm}
 
     def sample(self, n: int) -> torch.Tensor:
-        """Test-time chains: fresh ε ~ N(0, I), `sample_steps` Langevin steps, pushed through T."""
+        """Test-time chains: fresh ε ~ N(0, I), `sample_steps` sampler steps, pushed through T."""
         eps0 = torch.randn(n, self.space.dim, device=self.device)
-        return self.to_data(self._langevin(eps0, self.cfg.sampler.sample_steps))
+        return self.to_data(self.run_chains(eps0, self.cfg.sampler.sample_steps))
 
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"vaebm": log p_vae(x) − E(x), "vae": log p_vae(x)} — the VAE alone, for the comparison the paper
@@ -202,20 +232,23 @@ class Vaebm(Method):
             return {"vaebm": log_vae - self.energy(x), "vae": log_vae}
 
     def long_chains(self, chains: int, length: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """Langevin in ε-space from fresh noise, recorded as data-space points x = T(ε) at every step."""
+        """The configured sampler in ε-space from fresh noise (hmc from its initial ε, as nt_ebm's long chains),
+        recorded as data-space points x = T(ε) at every step."""
         states: list[torch.Tensor] = []
-        self._langevin(init_scale * torch.randn(chains, self.space.dim, device=self.device), length,
-                       callback=lambda info: states.append(self.to_data(info["x"])))
-        return {"eps_langevin": torch.stack(states, dim=1)}
+        self.run_chains(init_scale * torch.randn(chains, self.space.dim, device=self.device), length,
+                     step_size=self.cfg.sampler.step_size, callback=lambda info: states.append(self.to_data(info["x"])))
+        return {f"eps_{self.cfg.sampler.kind}": torch.stack(states, dim=1)}
 
     def extra_state(self) -> dict:
-        return {"iteration": self.iteration, "spectral": self.spectral.state_dict(),
+        return {"iteration": self.iteration, "step_size": self.step_size.clone(), "spectral": self.spectral.state_dict(),
                 "buffer": self.buffer.state_dict() if self.buffer is not None else {}}
 
     def load_extra_state(self, state: dict) -> None:
         if not state:
             return
         self.iteration = state.get("iteration", 0)
+        if "step_size" in state:
+            self.step_size = state["step_size"].to(self.device)
         self.spectral.load_state_dict(state.get("spectral", {}))
         if self.buffer is not None and state.get("buffer"):
             self.buffer.load_state_dict(state["buffer"])

@@ -16,7 +16,7 @@ import inspect
 from typing import Callable
 
 from ebm_scale.samplers.chains import CHAIN_INITS, ChainInit, DataInit, NoiseInit, ReplayBuffer
-from ebm_scale.samplers.hmc import sample_hmc
+from ebm_scale.samplers.hmc import HmcStats, sample_hmc
 from ebm_scale.samplers.langevin import ChainEnds, mean_grad_norm, sample_euler, sample_langevin
 from ebm_scale.samplers.ode import ODE_SOLVERS, ode_log_density, sample_ode
 
@@ -37,7 +37,7 @@ def sampler_knobs(sampler: Callable) -> tuple[str, ...]:
 
 
 __all__ = [
-    "CHAIN_INITS", "ChainEnds", "ChainInit", "DataInit", "NoiseInit", "ODE_SOLVERS", "ReplayBuffer", "SAMPLERS",
+    "CHAIN_INITS", "ChainEnds", "ChainInit", "DataInit", "HmcStats", "NoiseInit", "ODE_SOLVERS", "ReplayBuffer", "SAMPLERS",
     "mean_grad_norm", "ode_log_density", "sample_euler", "sample_langevin", "sample_ode", "sampler_knobs",
     "sample_hmc",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ebm_scale.samplers.langevin import Callback, EnergyFn, energy_and_grad
+from ebm_scale.samplers.langevin import Callback, ChainEnds, EnergyFn, energy_and_grad
 
 
 def sample_hmc(
@@ -93,3 +93,24 @@ def _energy_and_grad(energy_fn: EnergyFn, x: torch.Tensor) -> tuple[torch.Tensor
 
 def _sq_norm(p: torch.Tensor) -> torch.Tensor:
     return p.flatten(1).pow(2).sum(1)
+
+
+class HmcStats(ChainEnds):
+    """sample_hmc callback: ∇E at the first and last transition (ChainEnds), the mean acceptance probability
+    over transitions and the step size the next transition would use — all left on device (no host sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.accept_sum: torch.Tensor | None = None
+        self.count = 0
+        self.step_size: torch.Tensor | None = None
+
+    def __call__(self, info: dict) -> None:
+        super().__call__(info)
+        accept = info["accept_prob"].mean()
+        self.accept_sum = accept if self.accept_sum is None else self.accept_sum + accept
+        self.count += 1
+        self.step_size = info["step_size"]
+
+    def mean_accept(self) -> torch.Tensor:
+        return self.accept_sum / self.count
