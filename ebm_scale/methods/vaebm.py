@@ -177,7 +177,7 @@ class Vaebm(Method):
             return self.vae.transform(eps_z, eps_x)[0]
 
     def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg, s = self.cfg, self.cfg.sampler
+        s = self.cfg.sampler
         x_pos = batch.to(self.device, non_blocking=True)
         n = x_pos.shape[0]
         self.iteration += 1
@@ -190,19 +190,23 @@ class Vaebm(Method):
             eps_z = torch.randn(n, *self.vae.latent_shape, device=self.device)
         ends = HmcStats() if s.kind == "hmc" else ChainEnds()
         eps = self.run_chains(self.space.pack(eps_z, eps_x), s.steps, callback=ends)
+        chain_metrics = {"chain/grad_norm_first": mean_grad_norm(ends.first),
+                         "chain/grad_norm_last": mean_grad_norm(ends.last)}
         if s.kind == "hmc":
             self.step_size = ends.step_size
-            metrics = {"mcmc/accept_rate": ends.mean_accept(), "mcmc/step_size": ends.step_size}
-        else:
-            metrics = {}
+            chain_metrics.update({"mcmc/accept_rate": ends.mean_accept(), "mcmc/step_size": ends.step_size})
         if self.buffer is not None:
             self.buffer.update(self.space.unpack(eps)[0])
-        x_neg = self.to_data(eps)
+        return {**self.energy_step(x_pos, self.to_data(eps)), **chain_metrics}
 
+    def energy_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step on E: contrastive ML with negatives x_neg, plus the regularizers. Separate from the
+        chains so a benchmark can hand it negatives from elsewhere (benchmarks/vaebm_exact_negatives.py)."""
+        cfg, n = self.cfg, x_pos.shape[0]
         energies = self.energy(torch.cat([x_pos, x_neg]))
         e_pos, e_neg = energies[:n].mean(), energies[n:].mean()
         loss_ml = e_pos - e_neg
-        loss = loss_ml
+        loss, metrics = loss_ml, {}
         if cfg.energy_reg > 0:
             loss_reg = cfg.energy_reg * energies.pow(2).mean()
             loss = loss + loss_reg
@@ -214,9 +218,7 @@ class Vaebm(Method):
         grad_norm = self.optimizer_step(self.optimizers["energy"], loss, cfg.optim)
         loss_ml = loss_ml.detach()
         return {"loss": loss.detach(), "loss/ml": loss_ml, **metrics, "energy/pos": e_pos.detach(),
-                "energy/neg": e_neg.detach(), "energy_gap": loss_ml,
-                "chain/grad_norm_first": mean_grad_norm(ends.first), "chain/grad_norm_last": mean_grad_norm(ends.last),
-                "grad_norm": grad_norm}
+                "energy/neg": e_neg.detach(), "energy_gap": loss_ml, "grad_norm": grad_norm}
 
     def sample(self, n: int) -> torch.Tensor:
         """Test-time chains: fresh ε ~ N(0, I), `sample_steps` sampler steps, pushed through T."""
