@@ -238,7 +238,8 @@ class Vaebm(Method):
         recorded as data-space points x = T(ε) at every step."""
         states: list[torch.Tensor] = []
         self.run_chains(init_scale * torch.randn(chains, self.space.dim, device=self.device), length,
-                     step_size=self.cfg.sampler.step_size, callback=lambda info: states.append(self.to_data(info["x"])))
+                        step_size=self.cfg.sampler.step_size,
+                        callback=lambda info: states.append(self.to_data(info["x"])))
         return {f"eps_{self.cfg.sampler.kind}": torch.stack(states, dim=1)}
 
     def extra_state(self) -> dict:
