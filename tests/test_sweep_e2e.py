@@ -167,6 +167,35 @@ def test_two_stage_sweep_trains_the_backbone_once_and_every_trial_refers_to_it(t
     assert sum("training the flow backbone first" in line for line in lines) == 1
 
 
+def test_vaebm_toy_as_shipped_pretrains_its_vae_and_trains_with_hmc(tmp_path, monkeypatch):
+    """`ebm-scale train vaebm_toy`, shrunk: the VAE is trained first, then the trial runs ε-space HMC and
+    logs its acceptance, step size and their curves beside the tilted model's and the VAE's test LL."""
+    from ebm_scale.engine import backbones
+
+    monkeypatch.setattr(backbones, "CACHE", tmp_path / "cache")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose("vaebm_toy", [
+        "name=vaebm_e2e", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs",
+        "method.vae.hidden=16", "method.vae.layers=2", "method.vae.latent_dim=3", "method.pretrain.iterations=10",
+        "method.pretrain.kl_warmup=5", "method.energy.hidden=16", "method.energy.layers=3", "method.iw_samples=4",
+        "method.sampler.steps=2", "method.sampler.sample_steps=3",
+        "train.iterations=10", "train.eval_every=10", "train.log_every=5", "train.batch_size=32",
+        "eval.n_samples=100", "eval.grid_size=30", "eval.mcmc.chains=4", "eval.mcmc.length=20", "eval.mcmc.burn_in=5",
+    ], single_run=True)
+    assert cfg.method.sampler.kind == "hmc"
+    result = run_sweep(cfg, printer=lambda _: None)
+    assert result.counts["finished"] == 1
+    client = MlflowClient(uri)
+    trials = [r for r in _children(client, result) if r.data.params["method.name"] == "vaebm"]
+    assert len(trials) == 1
+    metrics = trials[0].data.metrics
+    assert {"train/mcmc/accept_rate", "train/mcmc/step_size", "eval/test_ll/vaebm", "eval/test_ll/vae",
+            "eval/mcmc/eps_hmc/rhat_mean"} <= set(metrics)
+    assert 0 <= metrics["train/mcmc/accept_rate"] <= 1
+    plots = {f.path for f in client.list_artifacts(trials[0].info.run_id, "plots")}
+    assert "plots/curves_000010.png" in plots
+
+
 def test_cli_rejects_a_backbone_of_the_wrong_kind_before_any_trial(capsys, tmp_path):
     from ebm_scale.methods.backbone import backbone_state, save_backbone
     from ebm_scale.nets.flow import Flow, FlowConfig
