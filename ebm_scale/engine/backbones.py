@@ -122,7 +122,9 @@ def stage1_config(cfg: EbmScaleConfig) -> EbmScaleConfig:
     stage1.name = f"{cfg.name}_backbone"
     stage1.tracking.experiment = cfg.tracking.experiment or cfg.name  # the same experiment as the trials
     stage1.train.iterations = p.iterations
-    stage1.train.eval_every = p.iterations
+    # Four evaluations, not one at the end: the sweep prints a trial's progress only when it reports, and a
+    # backbone that pretrains for minutes should not look stuck. Each one is also a checkpoint.
+    stage1.train.eval_every = max(1, -(-p.iterations // 4))
     stage1.train.batch_size = p.batch_size or cfg.train.batch_size
     stage1.search.space, stage1.search.num_samples = {}, 1
     stage1.search.scheduler.kind = "fifo"
