@@ -66,7 +66,8 @@ def main() -> None:
     started = time.time()
 
     def show(step: int, metrics: dict) -> None:
-        shown = {k: round(v, 3) for k, v in metrics.items() if "test_ll" in k or k.startswith("eval/sinkhorn")}
+        shown = {k: round(v, 3) for k, v in metrics.items()
+                 if k.startswith(("eval/test_ll", "eval/sinkhorn", "eval/ll_gap", "eval/resolution_gap"))}
         print(step, shown, f"{time.time() - started:.0f}s", flush=True)
 
     train_in_process(compose(args.sweep, args.overrides), args.seed, out, done=lambda step, _: step >= args.iterations,

@@ -13,6 +13,7 @@ from ebm_scale.metrics import (
     evaluate_toy,
     log_density_grid,
     quadrature_log_likelihood,
+    quadrature_log_likelihoods,
     sinkhorn_distance,
 )
 
@@ -60,6 +61,36 @@ def test_resolution_gap_flags_a_density_narrower_than_the_grid(std, grid_size, r
         assert report["resolution_gap"] < 1e-6 and error < 1e-6
     else:  # a cell of 0.08 against a std of 0.02: the error is real, and the gap says so without understating it
         assert error > 0.1 and report["resolution_gap"] > max(1.0, error)
+
+
+def _mixture_log_prob(means, std, weights):
+    def log_prob(x):
+        sq = (x.double()[:, None, :] - means[None]).pow(2).sum(-1)
+        return torch.logsumexp(weights.log() - 0.5 * sq / std**2 - math.log(2 * math.pi * std**2), dim=1)
+    return log_prob
+
+
+@pytest.mark.parametrize("weights, std, weights_gap, within_gap", [
+    # misweighted, right shape: the gap is E_truth[log ¼ − log w_k] = ¼ Σ log(¼ / w_k), all across the modes
+    ((0.4, 0.3, 0.2, 0.1), 0.1, 0.25 * sum(math.log(0.25 / w) for w in (0.4, 0.3, 0.2, 0.1)), 0.0),
+    # right weights, 1.5× too broad: the 2D Gaussian cross-entropy excess 2(log r + 1/(2r²) − ½), all within
+    ((0.25,) * 4, 0.15, 0.0, 2 * (math.log(1.5) + 1 / (2 * 1.5**2) - 0.5)),
+])
+def test_split_by_mode_tells_misweighted_modes_from_misshapen_ones(weights, std, weights_gap, within_gap):
+    means = torch.tensor([[-1.5, -1.5], [-1.5, 1.5], [1.5, -1.5], [1.5, 1.5]], dtype=torch.float64)
+    truth = _mixture_log_prob(means, 0.1, torch.full((4,), 0.25, dtype=torch.float64))
+    model = _mixture_log_prob(means, std, torch.tensor(weights, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    x = means[torch.randint(4, (20000,), generator=gen)] + 0.1 * torch.randn(20000, 2, dtype=torch.float64, generator=gen)
+    bounds = (-3.0, 3.0)
+    reports, _ = quadrature_log_likelihoods(lambda p: {"truth": truth(p), "model": model(p)}, x, bounds, 240,
+                                            modes=means, no_grad=True)
+    for report in reports.values():  # the two parts always sum to the log-likelihood
+        assert report["mode_weights_ll"] + report["within_mode_ll"] == pytest.approx(report["log_likelihood"], abs=1e-9)
+    t, m = reports["truth"], reports["model"]
+    assert t["mode_weights_ll"] == pytest.approx(math.log(0.25), abs=0.02)  # the sample's own mode counts
+    assert t["mode_weights_ll"] - m["mode_weights_ll"] == pytest.approx(weights_gap, abs=0.02)
+    assert t["within_mode_ll"] - m["within_mode_ll"] == pytest.approx(within_gap, abs=0.02)
 
 
 def test_grid_layout_rows_are_y_and_columns_are_x():
@@ -200,6 +231,9 @@ def test_evaluate_toy_reports_sensible_metrics_and_writes_plots(tmp_path):
     assert metrics["eval/test_ll/ebm"] == pytest.approx(metrics["eval/test_ll/true"], abs=1e-2)
     assert metrics["eval/log_z/ebm"] == pytest.approx(1.5, abs=1e-2)
     assert metrics["eval/boundary_mass/ebm"] < 1e-3
+    # the truth shifted by a constant: nothing is lost across or within the modes
+    assert metrics["eval/ll_gap/mode_weights/ebm"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["eval/ll_gap/within_modes/ebm"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < metrics["eval/sinkhorn_data_floor"] < 1 and 0 < metrics["eval/sinkhorn"] < 1
     assert [p.name for p in paths] == ["samples_000007.png", "density_000007.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
@@ -221,7 +255,7 @@ def test_evaluate_toy_without_densities_or_truth_or_plots(tmp_path):
     data = _data("moons", n_test=500)
     method = ExactMethod(data, densities=False)
     metrics, paths = evaluate_toy(method, data, EvalConfig(n_samples=100, grid_size=40, plots=False), tmp_path, step=0)
-    assert not any(k.startswith(("eval/test_ll", "eval/log_z", "eval/boundary_mass")) for k in metrics)
+    assert not any(k.startswith(("eval/test_ll", "eval/log_z", "eval/boundary_mass", "eval/ll_gap")) for k in metrics)
     assert paths == [] and not any(tmp_path.iterdir())
     _, paths = evaluate_toy(method, data, EvalConfig(n_samples=100, grid_size=40), tmp_path, step=0)
     assert [p.name for p in paths] == ["samples_000000.png"]  # no density to draw

@@ -31,13 +31,15 @@ class DataConfig:
 
 @dataclass
 class ToyData:
-    """A loaded 2D toy dataset. `log_prob` is the exact log density where the dataset has one, else None."""
+    """A loaded 2D toy dataset. `log_prob` is the exact log density where the dataset has one, else None;
+    `modes` the component means where the dataset is a Gaussian mixture, else None."""
 
     train: Tensor
     test: Tensor
     spec: DataSpec
     log_prob: Callable[[Tensor], Tensor] | None
     name: str
+    modes: Tensor | None = None
 
 
 def split_generators(seed: int, n_splits: int = 2) -> list[torch.Generator]:
@@ -61,6 +63,7 @@ def _toy_loader(dist: ToyDistribution) -> Callable[[DataConfig, int], ToyData]:
             spec=DataSpec(shape=(2,), kind="toy2d", bounds=dist.bounds),
             log_prob=dist.log_prob,
             name=dist.name,
+            modes=dist.modes,
         )
 
     return load

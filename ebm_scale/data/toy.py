@@ -41,6 +41,7 @@ class ToyDistribution:
     sampler: Sampler
     log_prob: LogProb | None = None
     description: str = ""
+    modes: Tensor | None = None  # (K, 2) component means of a mixture: evaluation splits its log-likelihood by mode
 
     @property
     def has_log_prob(self) -> bool:
@@ -184,7 +185,8 @@ def _sampled(name: str, sampler: Sampler, bounds=FFJORD_BOX) -> ToyDistribution:
 
 def _mixture(name: str, factory: Callable[[], GaussianMixture], bounds=FFJORD_BOX) -> ToyDistribution:
     mixture = factory()
-    return ToyDistribution(name, bounds, mixture.sample, mixture.log_prob, inspect.getdoc(factory) or "")
+    return ToyDistribution(name, bounds, mixture.sample, mixture.log_prob, inspect.getdoc(factory) or "",
+                           modes=mixture.means)
 
 
 TOY_DATASETS: dict[str, ToyDistribution] = {

@@ -7,6 +7,7 @@ from ebm_scale.metrics.likelihood import (
     log_normalizer,
     quadrature_log_likelihood,
     quadrature_log_likelihoods,
+    split_by_mode,
 )
 from ebm_scale.metrics.sinkhorn import SINKHORN_COSTS, entropic_plan, sinkhorn_distance
 from ebm_scale.metrics.toy import EvalConfig, evaluate_toy
@@ -24,4 +25,5 @@ __all__ = [
     "quadrature_log_likelihood",
     "quadrature_log_likelihoods",
     "sinkhorn_distance",
+    "split_by_mode",
 ]

@@ -66,18 +66,41 @@ def evaluate_toy(
     if getattr(method, "nfe", None) is not None:
         metrics["eval/nfe"] = float(method.nfe)
 
-    reports, grids = quadrature_log_likelihoods(method.log_density, data.test, data.spec.bounds, cfg.grid_size, device=device)
+    reports, grids = quadrature_log_likelihoods(method.log_density, data.test, data.spec.bounds, cfg.grid_size,
+                                                modes=data.modes, device=device)
     for name, report in reports.items():
         metrics.update({pattern.format(name): report[key] for key, pattern in _DENSITY_METRICS.items()})
     if data.log_prob is not None:
         metrics[_DENSITY_METRICS["log_likelihood"].format(TRUE_DENSITY)] = float(data.log_prob(data.test.double()).mean())
+    truth_grid = None
+    if data.log_prob is not None and data.modes is not None and reports:
+        gaps, truth_grid = _mode_gaps(reports, data, cfg)
+        metrics.update(gaps)
 
     if out_dir is None or not cfg.plots:
         return metrics, []
-    if data.log_prob is not None:  # computed only for the picture: the truth's log Z is 0 by construction
-        grids[TRUE_DENSITY] = log_density_grid(data.log_prob, data.spec.bounds, cfg.grid_size, no_grad=True)
+    if data.log_prob is not None and truth_grid is None:  # only for the picture: the truth's log Z is 0 by construction
+        truth_grid = log_density_grid(data.log_prob, data.spec.bounds, cfg.grid_size, no_grad=True)
+    if truth_grid is not None:
+        grids[TRUE_DENSITY] = truth_grid
     title = f"{getattr(method, 'name', type(method).__name__)} on {data.name}, step {step}"
     return metrics, _write_plots(Path(out_dir), step, samples, data, grids, title)
+
+
+def _mode_gaps(reports: dict[str, dict[str, float]], data: ToyData, cfg: EvalConfig) -> tuple[dict[str, float], DensityGrid]:
+    """How far each density's test log-likelihood falls short of the truth's, in two parts that sum to the
+    whole shortfall (split_by_mode): across modes (misweighted modes) and within them (misshapen ones). The
+    truth is split on the same grid, so the quadrature's own error cancels out of both parts. Also returns the
+    truth's grid, for the picture."""
+    truth_reports, truth_grids = quadrature_log_likelihoods(
+        lambda x: {TRUE_DENSITY: data.log_prob(x.double())}, data.test, data.spec.bounds, cfg.grid_size,
+        modes=data.modes, no_grad=True)
+    truth = truth_reports[TRUE_DENSITY]
+    gaps = {}
+    for name, report in reports.items():
+        gaps[f"eval/ll_gap/mode_weights/{name}"] = truth["mode_weights_ll"] - report["mode_weights_ll"]
+        gaps[f"eval/ll_gap/within_modes/{name}"] = truth["within_mode_ll"] - report["within_mode_ll"]
+    return gaps, truth_grids[TRUE_DENSITY]
 
 
 def _sample_metrics(samples: Tensor, test: Tensor, cfg: EvalConfig) -> dict[str, float]:
