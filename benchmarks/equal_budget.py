@@ -7,7 +7,9 @@ noisy-Langevin baseline on 8gaussians and the 9-mode grid).
 Each `--run label=sweep` trains that named sweep's config (search dropped, data replaced) in this process,
 single-threaded, until `--budget` seconds of *training* have passed (evaluation excluded), then evaluates
 once with the sweep's eval settings (Sinkhorn n, grid), overridden by `--eval-samples`. Prints one markdown
-row per (data, run, seed) and writes samples/density PNGs under --out.
+row per (data, run, seed), and with several seeds their means and a seed-by-seed comparison of the runs;
+writes results.json and samples/density PNGs under --out. `--summarize a/results.json b/results.json`
+prints that summary for earlier runs, pooled.
 
 The budget is counted in this process's CPU time (`--clock cpu`, the default): single-threaded on an idle
 core that is the wall-clock, and unlike the wall-clock it does not shrink when other work shares the
@@ -38,13 +40,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds per run")
     ap.add_argument("--data", nargs="+", default=["8gaussians", "grid"])
-    ap.add_argument("--run", action="append", required=True, help="label=sweep_name (repeatable)")
+    ap.add_argument("--run", action="append", default=[], help="label=sweep_name (repeatable)")
     ap.add_argument("--set", action="append", default=[], help="label:key=value override (repeatable)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON",
+                    help="train nothing: print the seed summary of earlier runs' results.json files, pooled")
     args = ap.parse_args()
+    if args.summarize:
+        print(summarize([row for path in args.summarize for row in json.loads(Path(path).read_text())]))
+        return
+    if not args.run:
+        ap.error("give at least one --run label=sweep (or --summarize)")
     torch.set_num_threads(1)
     out = Path(args.out or tempfile.mkdtemp(prefix="ebm_scale_budget_"))
     runs = dict(r.split("=", 1) for r in args.run)
@@ -72,7 +81,41 @@ def main() -> None:
                       f"({result['eval/sinkhorn_data_floor']:.3f}) | {ll:.3f} ({result.get('eval/test_ll/true', float('nan')):.3f}) |",
                       flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if len(args.seeds) > 1:
+        print(summarize(rows))
     print(f"results and pictures: {out}")
+
+
+def _mean_se(values: list[float]) -> str:
+    n = len(values)
+    mean = sum(values) / n
+    se = (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    return f"{mean:.3f} ± {se:.3f}"
+
+
+def summarize(rows: list[dict]) -> str:
+    """Means over seeds (± standard error) per data set and run, of the Sinkhorn and of its excess over the
+    seed's data floor (what a perfect sampler scores on the same test points, so the part of the
+    seed-to-seed spread that comes from the test draw cancels); then every pair of runs compared seed by
+    seed on the same test points: the mean difference ± its standard error, and on how many seeds each run
+    was lower."""
+    lines = ["\n| data | run | seeds | Sinkhorn | Sinkhorn − floor | floor |", "|---|---|---|---|---|---|"]
+    by_key: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["data"], r["run"]), {})[r["seed"]] = r
+    for (data, run), per_seed in by_key.items():
+        sk = [r["eval/sinkhorn"] for r in per_seed.values()]
+        floor = [r["eval/sinkhorn_data_floor"] for r in per_seed.values()]
+        lines.append(f"| {data} | {run} | {len(sk)} | {_mean_se(sk)} | {_mean_se([a - b for a, b in zip(sk, floor)])} "
+                     f"| {_mean_se(floor)} |")
+    pairs = [(a, b) for a in by_key for b in by_key if a[0] == b[0] and a[1] < b[1]]
+    if pairs:
+        lines += ["\n| data | pair | seeds | mean difference (first − second) | first lower on |", "|---|---|---|---|---|"]
+    for (data, a), (_, b) in pairs:
+        seeds = sorted(set(by_key[(data, a)]) & set(by_key[(data, b)]))
+        diffs = [by_key[(data, a)][s]["eval/sinkhorn"] - by_key[(data, b)][s]["eval/sinkhorn"] for s in seeds]
+        lines.append(f"| {data} | {a} − {b} | {len(seeds)} | {_mean_se(diffs)} | {sum(d < 0 for d in diffs)} of {len(seeds)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
