@@ -13,7 +13,13 @@ from torch import Tensor
 from ebm_scale.data import ToyData
 from ebm_scale.errors import require
 from ebm_scale.metrics.chains import McmcEvalConfig
-from ebm_scale.metrics.likelihood import DensityGrid, log_density_grid, log_normalizer, quadrature_log_likelihoods
+from ebm_scale.metrics.likelihood import (
+    DensityGrid,
+    log_density_grid,
+    log_normalizer,
+    quadrature_log_likelihoods,
+    split_by_mode,
+)
 from ebm_scale.metrics.sinkhorn import SINKHORN_COSTS, sinkhorn_distance
 
 TRUE_DENSITY = "true"  # the name the dataset's exact density is reported and drawn under
@@ -70,37 +76,38 @@ def evaluate_toy(
                                                 modes=data.modes, device=device)
     for name, report in reports.items():
         metrics.update({pattern.format(name): report[key] for key, pattern in _DENSITY_METRICS.items()})
-    if data.log_prob is not None:
-        metrics[_DENSITY_METRICS["log_likelihood"].format(TRUE_DENSITY)] = float(data.log_prob(data.test.double()).mean())
     truth_grid = None
-    if data.log_prob is not None and data.modes is not None and reports:
-        gaps, truth_grid = _mode_gaps(reports, data, cfg)
-        metrics.update(gaps)
+    if data.log_prob is not None:
+        truth_test = data.log_prob(data.test.double())
+        metrics[_DENSITY_METRICS["log_likelihood"].format(TRUE_DENSITY)] = float(truth_test.mean())
+        if data.modes is not None and reports:
+            truth_grid = _truth_grid(data, cfg)
+            metrics.update(_mode_gaps(reports, truth_grid, truth_test, data))
 
     if out_dir is None or not cfg.plots:
         return metrics, []
-    if data.log_prob is not None and truth_grid is None:  # only for the picture: the truth's log Z is 0 by construction
-        truth_grid = log_density_grid(data.log_prob, data.spec.bounds, cfg.grid_size, no_grad=True)
-    if truth_grid is not None:
-        grids[TRUE_DENSITY] = truth_grid
+    if data.log_prob is not None:  # the picture's panel; the truth's log Z is 0 by construction
+        grids[TRUE_DENSITY] = truth_grid if truth_grid is not None else _truth_grid(data, cfg)
     title = f"{getattr(method, 'name', type(method).__name__)} on {data.name}, step {step}"
     return metrics, _write_plots(Path(out_dir), step, samples, data, grids, title)
 
 
-def _mode_gaps(reports: dict[str, dict[str, float]], data: ToyData, cfg: EvalConfig) -> tuple[dict[str, float], DensityGrid]:
+def _truth_grid(data: ToyData, cfg: EvalConfig) -> DensityGrid:
+    return log_density_grid(lambda x: data.log_prob(x.double()), data.spec.bounds, cfg.grid_size, no_grad=True)
+
+
+def _mode_gaps(reports: dict[str, dict[str, float]], truth_grid: DensityGrid, truth_test: Tensor,
+               data: ToyData) -> dict[str, float]:
     """How far each density's test log-likelihood falls short of the truth's, in two parts that sum to the
     whole shortfall (split_by_mode): across modes (misweighted modes) and within them (misshapen ones). The
-    truth is split on the same grid, so the quadrature's own error cancels out of both parts. Also returns the
-    truth's grid, for the picture."""
-    truth_reports, truth_grids = quadrature_log_likelihoods(
-        lambda x: {TRUE_DENSITY: data.log_prob(x.double())}, data.test, data.spec.bounds, cfg.grid_size,
-        modes=data.modes, no_grad=True)
-    truth = truth_reports[TRUE_DENSITY]
+    truth is split on the same grid, so the quadrature's own error cancels out of both parts."""
+    truth_weights, truth_within = split_by_mode(truth_grid, log_normalizer(truth_grid)[0], truth_test, data.test,
+                                                data.modes)
     gaps = {}
     for name, report in reports.items():
-        gaps[f"eval/ll_gap/mode_weights/{name}"] = truth["mode_weights_ll"] - report["mode_weights_ll"]
-        gaps[f"eval/ll_gap/within_modes/{name}"] = truth["within_mode_ll"] - report["within_mode_ll"]
-    return gaps, truth_grids[TRUE_DENSITY]
+        gaps[f"eval/ll_gap/mode_weights/{name}"] = truth_weights - report["mode_weights_ll"]
+        gaps[f"eval/ll_gap/within_modes/{name}"] = truth_within - report["within_mode_ll"]
+    return gaps
 
 
 def _sample_metrics(samples: Tensor, test: Tensor, cfg: EvalConfig) -> dict[str, float]:
