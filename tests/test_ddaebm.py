@@ -47,6 +47,19 @@ def test_ablations_run(ablation, missing):
         assert "encoder" not in method.networks
 
 
+def test_gradient_penalty_at_data_scales_only_the_t1_pairs():
+    """The penalty is a sum over pairs, those at t = 1 weighted by the multiplier: linear in it, for the
+    same draws, with the t > 1 pairs alone left at multiplier 0."""
+    penalties = []
+    for at_data in (0.0, 1.0, 3.0):
+        torch.manual_seed(0)
+        method = build_method(small_config(gradient_penalty_at_data=at_data), SPEC, "cpu")
+        penalties.append(float(method.train_step(torch.randn(64, 2))["gradient_penalty"]))
+    rest, base, triple = penalties
+    assert 0 < rest < base < triple
+    assert triple - base == pytest.approx(2 * (base - rest), rel=1e-5)
+
+
 def test_encoder_term_enters_the_generator_loss():
     """L1 with and without −log q_ψ(z | x̃, x_t) differ for the same draws."""
     losses = []
@@ -134,5 +147,7 @@ def test_config_errors_name_the_key():
         small_config(diffusion=DiffusionChainConfig(steps=1, time_schedule="drl")).validate()
     with pytest.raises(ConfigError, match="method.ema_decay"):
         small_config(ema_decay=1.0).validate()
+    with pytest.raises(ConfigError, match="method.gradient_penalty_at_data"):
+        small_config(gradient_penalty_at_data=-1.0).validate()
     with pytest.raises(ConfigError, match="method.net.arch"):
         build_method(small_config(net=DiffusionNetConfig(arch="unet")), SPEC, "cpu")

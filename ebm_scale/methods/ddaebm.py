@@ -67,6 +67,9 @@ class DdaebmConfig:
     net: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)  # energy, generator and encoder
     latent_dim: int = 2                 # d of z; 0 = the "no latent z" ablation (deterministic G)
     gradient_penalty: float = 0.02      # γ (public code's value)
+    # γ's multiplier on the pairs with t = 1, whose x_{t−1} is clean data: the energy there is the density.
+    # A gradient penalty on data favours flat energies, so it broadens every peak narrower than ~√γ.
+    gradient_penalty_at_data: float = 1.0
     fake_weight: float = 1.0            # weight of the generated term in the energy loss (paper's NICE run: 0.1)
     reverse_kl_weight: float = 1.0      # weight of L2; 0 = the "KL only" ablation
     encoder_term: bool = True           # −log q_ψ(z | …) in L1; false = the "no encoder term" ablation
@@ -87,7 +90,7 @@ class DdaebmConfig:
         self.diffusion.validate(f"{prefix}.diffusion")
         self.net.validate(f"{prefix}.net")
         require(self.latent_dim >= 0, f"{prefix}.latent_dim", f"must be >= 0, got {self.latent_dim}")
-        for key in ("gradient_penalty", "fake_weight", "reverse_kl_weight"):
+        for key in ("gradient_penalty", "gradient_penalty_at_data", "fake_weight", "reverse_kl_weight"):
             require(getattr(self, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
         require(self.w > 0, f"{prefix}.w", f"must be > 0, got {self.w}")
         require(self.w_mid > 0, f"{prefix}.w_mid", f"must be > 0, got {self.w_mid}")
@@ -170,7 +173,10 @@ class Ddaebm(Method):
         if cfg.gradient_penalty > 0:
             conditional = e_real - sched.log_q_step(x_t, x_real, t)  # −log of p_θ(x_{t−1} | x_t)'s numerator
             (grad,) = torch.autograd.grad(conditional.sum(), x_real, create_graph=True)
-            penalty = 0.5 * cfg.gradient_penalty * grad.flatten(1).pow(2).sum(1).mean()
+            per_pair = grad.flatten(1).pow(2).sum(1)
+            if cfg.gradient_penalty_at_data != 1.0:
+                per_pair = per_pair * torch.where(t == 1, cfg.gradient_penalty_at_data, 1.0)
+            penalty = 0.5 * cfg.gradient_penalty * per_pair.mean()
             loss_e = loss_e + penalty
             metrics["gradient_penalty"] = penalty.detach()
         grad_norm_e = self.optimizer_step(self.optimizers["energy"], loss_e, cfg.optim_energy)
