@@ -6,6 +6,11 @@ Sinkhorn and test log-likelihood without Ray or MLflow (how the 2D figures of is
 Seeds are fixed (network init, batches and data from --seed, default 0), single-threaded; prints the metrics
 at every checkpoint and writes samples/density PNGs to --out. `train_in_process` is the loop the other
 in-process benchmark (equal_budget.py) shares.
+
+`--save-states` also writes the full training state after each evaluation (DIR/states/step_NNNNNN.pt:
+networks, optimizers, averages, RNGs, the batch stream). `--resume FILE` trains on from such a state up to
+`iterations` in all, with whatever overrides are given now (a lowered penalty, say): with the same
+overrides the continued run is the uninterrupted one, bit for bit.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 
 from ebm_scale.config import compose
 from ebm_scale.data import load_dataset
+from ebm_scale.engine.state import rng_state, set_rng_state
 from ebm_scale.methods import build_method
 from ebm_scale.metrics.toy import evaluate_toy
 
@@ -26,15 +32,22 @@ from ebm_scale.metrics.toy import evaluate_toy
 def train_in_process(cfg, seed: int, out_dir: Path | str, *, done: Callable[[int, float], bool],
                      every: int | None = None, clock: Callable[[], float] = time.perf_counter,
                      on_eval: Callable[[int, dict], None] | None = None,
-                     on_progress: Callable[[int, float, dict], None] | None = None) -> dict:
+                     on_progress: Callable[[int, float, dict], None] | None = None,
+                     save_states: bool = False, resume: dict | None = None) -> dict:
     """Train `cfg` (seeded by `seed`) until done(steps, training seconds by `clock`) holds, evaluating every
     `every` steps and at the end. Evaluation time is not training time. Returns the last evaluation's
-    metrics with the iterations and training seconds."""
+    metrics with the iterations and training seconds. `save_states` writes the training state after each
+    evaluation to out_dir/states/; `resume` (one such state, loaded) continues from it."""
     torch.manual_seed(seed)
     data = load_dataset(cfg.data, seed)
     method = build_method(cfg.method, data.spec, "cpu")
     batches = torch.Generator().manual_seed(seed)
     trained, step, metrics = 0.0, 0, {}
+    if resume is not None:
+        method.load_state_dict(resume["method"])
+        batches.set_state(resume["batches"])
+        set_rng_state(resume["rng"])
+        trained, step = resume["train_seconds"], resume["step"]
     while not done(step, trained):
         method.train(True)
         idx = torch.randint(len(data.train), (cfg.train.batch_size,), generator=batches)
@@ -49,6 +62,12 @@ def train_in_process(cfg, seed: int, out_dir: Path | str, *, done: Callable[[int
             metrics, _ = evaluate_toy(method, data, cfg.eval, out_dir, step)
             if on_eval is not None:
                 on_eval(step, metrics)
+            if save_states:
+                # Taken after the evaluation (which draws samples): the RNGs are where the run goes on from.
+                states = Path(out_dir) / "states"
+                states.mkdir(parents=True, exist_ok=True)
+                torch.save({"step": step, "train_seconds": trained, "method": method.state_dict(),
+                            "batches": batches.get_state(), "rng": rng_state()}, states / f"step_{step:06d}.pt")
     return {"iterations": step, "train_seconds": trained, **metrics}
 
 
@@ -60,6 +79,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1000)
     ap.add_argument("--out", default=None)
     ap.add_argument("--seed", type=int, default=0, help="network init, batches and data draw")
+    ap.add_argument("--save-states", action="store_true", help="write the training state at every evaluation")
+    ap.add_argument("--resume", default=None, metavar="STATE_PT", help="train on from a --save-states file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = args.out or tempfile.mkdtemp(prefix="ebm_scale_curve_")
@@ -70,9 +91,16 @@ def main() -> None:
                  if k.startswith(("eval/test_ll", "eval/sinkhorn", "eval/ll_gap", "eval/resolution_gap"))}
         print(step, shown, f"{time.time() - started:.0f}s", flush=True)
 
+    resume = None
+    if args.resume:
+        # weights_only=False: the file holds RNG states (numpy tuples) that this script itself wrote.
+        resume = torch.load(args.resume, map_location="cpu", weights_only=False)
+        if resume["step"] >= args.iterations:
+            ap.error(f"{args.resume} is at iteration {resume['step']}; ask for more than that")
+        print(f"resuming at iteration {resume['step']} from {args.resume}", flush=True)
     train_in_process(compose(args.sweep, args.overrides), args.seed, out, done=lambda step, _: step >= args.iterations,
-                     every=args.every, on_eval=show)
-    print(f"pictures: {out}")
+                     every=args.every, on_eval=show, save_states=args.save_states, resume=resume)
+    print(f"pictures: {out}" + (f", states: {Path(out) / 'states'}" if args.save_states else ""))
 
 
 if __name__ == "__main__":
