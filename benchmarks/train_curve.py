@@ -66,7 +66,8 @@ def train_in_process(cfg, seed: int, out_dir: Path | str, *, done: Callable[[int
                 # Taken after the evaluation (which draws samples): the RNGs are where the run goes on from.
                 states = Path(out_dir) / "states"
                 states.mkdir(parents=True, exist_ok=True)
-                torch.save({"step": step, "train_seconds": trained, "method": method.state_dict(),
+                torch.save({"step": step, "train_seconds": trained, "seed": seed, "method_name": cfg.method.name,
+                            "method": method.state_dict(),
                             "batches": batches.get_state(), "rng": rng_state()}, states / f"step_{step:06d}.pt")
     return {"iterations": step, "train_seconds": trained, **metrics}
 
@@ -91,14 +92,21 @@ def main() -> None:
                  if k.startswith(("eval/test_ll", "eval/sinkhorn", "eval/ll_gap", "eval/resolution_gap"))}
         print(step, shown, f"{time.time() - started:.0f}s", flush=True)
 
+    cfg = compose(args.sweep, args.overrides)
     resume = None
     if args.resume:
+        if not Path(args.resume).is_file():
+            ap.error(f"--resume {args.resume}: no such file (it is written by --save-states, under OUT/states/)")
         # weights_only=False: the file holds RNG states (numpy tuples) that this script itself wrote.
         resume = torch.load(args.resume, map_location="cpu", weights_only=False)
+        if resume["method_name"] != cfg.method.name:
+            ap.error(f"{args.resume} holds a {resume['method_name']!r} run; {args.sweep} trains {cfg.method.name!r}")
+        if resume["seed"] != args.seed:
+            ap.error(f"{args.resume} was trained with --seed {resume['seed']} (the seed draws the data): pass it")
         if resume["step"] >= args.iterations:
             ap.error(f"{args.resume} is at iteration {resume['step']}; ask for more than that")
         print(f"resuming at iteration {resume['step']} from {args.resume}", flush=True)
-    train_in_process(compose(args.sweep, args.overrides), args.seed, out, done=lambda step, _: step >= args.iterations,
+    train_in_process(cfg, args.seed, out, done=lambda step, _: step >= args.iterations,
                      every=args.every, on_eval=show, save_states=args.save_states, resume=resume)
     print(f"pictures: {out}" + (f", states: {Path(out) / 'states'}" if args.save_states else ""))
 
