@@ -24,7 +24,7 @@ import torch
 
 from ebm_scale.config import compose
 from ebm_scale.data import load_dataset
-from ebm_scale.engine.state import rng_state, set_rng_state
+from ebm_scale.engine.state import evaluation_rng, rng_state, set_rng_state
 from ebm_scale.methods import build_method
 from ebm_scale.metrics.toy import evaluate_toy
 
@@ -59,11 +59,12 @@ def train_in_process(cfg, seed: int, out_dir: Path | str, *, done: Callable[[int
             on_progress(step, trained, out)
         if (every and step % every == 0) or done(step, trained):
             method.train(False)
-            metrics, _ = evaluate_toy(method, data, cfg.eval, out_dir, step)
+            with evaluation_rng(seed, step):  # training goes on as if nothing had been evaluated
+                metrics, _ = evaluate_toy(method, data, cfg.eval, out_dir, step)
             if on_eval is not None:
                 on_eval(step, metrics)
             if save_states:
-                # Taken after the evaluation (which draws samples): the RNGs are where the run goes on from.
+                # The training RNGs, untouched by the evaluation: where the run goes on from.
                 states = Path(out_dir) / "states"
                 states.mkdir(parents=True, exist_ok=True)
                 torch.save({"step": step, "train_seconds": trained, "seed": seed, "method_name": cfg.method.name,

@@ -34,6 +34,10 @@ def test_resumed_run_is_the_uninterrupted_one(tmp_path, sweep):
         assert resumed[key] == whole[key]
     end_whole = torch.load(states[1], weights_only=False)["method"]
     end_resumed = torch.load(tmp_path / "resumed" / "states" / "step_000006.pt", weights_only=False)["method"]
+    # Evaluating only at the end trains the same weights: evaluation draws from its own RNG streams.
+    train_in_process(cfg, 0, tmp_path / "once", done=until(6), every=6, save_states=True)
+    end_once = torch.load(tmp_path / "once" / "states" / "step_000006.pt", weights_only=False)["method"]
     for name, weights in end_whole["networks"].items():
         for key, value in weights.items():
             assert torch.equal(value, end_resumed["networks"][name][key]), f"{name}.{key} differs after resuming"
+            assert torch.equal(value, end_once["networks"][name][key]), f"{name}.{key} depends on the evaluations"

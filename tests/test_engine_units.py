@@ -50,6 +50,20 @@ def test_resumed_run_continues_exactly():
     assert straight.metrics[-1]["eval/sinkhorn"] == resumed.metrics[-1]["eval/sinkhorn"]
 
 
+def test_how_often_a_run_evaluates_does_not_change_its_training():
+    """Evaluation draws samples and chains from its own RNG streams, so the weights after 20 steps are the
+    same whether the run evaluated at 5, 10, 15 and 20 or at 20 only — and so is the step-20 evaluation."""
+    ends = []
+    for every in (5, 20):
+        session = MemorySession()
+        train(compose(None, TINY + ["train.iterations=20", f"train.eval_every={every}"]), session)
+        ends.append((session.checkpoints[20]["method"]["networks"]["energy"], session.metrics[-1]))
+    (often, often_eval), (once, once_eval) = ends
+    for name, tensor in often.items():
+        assert torch.equal(tensor, once[name]), name
+    assert often_eval["eval/sinkhorn"] == once_eval["eval/sinkhorn"]
+
+
 def test_nan_in_the_weights_ends_the_run_as_diverged():
     cfg = compose(None, TINY + ["train.iterations=20", "train.eval_every=10", "debug.nan_at_step=12"])
     session = MemorySession()

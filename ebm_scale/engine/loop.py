@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from ebm_scale.config import EbmScaleConfig, to_container
 from ebm_scale.data import load_dataset
-from ebm_scale.engine.state import gather_to_rank0, rng_state, save_state, seed_everything, set_rng_state
+from ebm_scale.engine.state import (evaluation_rng, gather_to_rank0, rng_state, save_state, seed_everything,
+                                    set_rng_state)
 from ebm_scale.methods import build_method
 from ebm_scale.methods.backbone import save_backbone
 from ebm_scale.metrics.chains import evaluate_chains
@@ -175,9 +176,10 @@ def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_t
         artifacts: list = []
         if session.rank == 0:
             method.train(False)
-            eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step)
-            chain_metrics, chain_plots = evaluate_chains(method, cfg.eval.mcmc, tmp + "/plots", step, final,
-                                                         cfg.eval.plots)
+            with evaluation_rng(cfg.seed, step):
+                eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step)
+                chain_metrics, chain_plots = evaluate_chains(method, cfg.eval.mcmc, tmp + "/plots", step, final,
+                                                             cfg.eval.plots)
             method.train(True)
             eval_metrics.update(chain_metrics)
             artifacts += chain_plots
@@ -186,8 +188,8 @@ def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_t
                                              f"{cfg.method.name} on {cfg.data.name}: over training"))
             metrics.update(eval_metrics)
             metrics.update(last_train)
-        # RNG states are taken after evaluation (which draws samples), so a resumed run continues from
-        # exactly where the uninterrupted one would be. Every rank's own state is kept.
+        # Evaluation drew from its own streams (evaluation_rng), so these are the training streams as the
+        # next step finds them: a resumed run continues exactly. Every rank's own state is kept.
         per_rank = gather_to_rank0({"rng": rng_state(), "batch_rng": batch_rng.get_state(), "extra": method.extra_state()})
         eval_only = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         checkpoint_dir = None

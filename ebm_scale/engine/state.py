@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def evaluation_rng(seed: int, step: int):
+    """Evaluation draws (samples, chains, Sinkhorn) from streams of its own, seeded by (seed, step), and hands
+    the training streams back where they were. Without this, every sample drawn for a metric shifts what the
+    training draws next: how often a run evaluates, or how many samples it scores, would change the trained
+    model itself, and an adversarial run's trajectory is sensitive to every such shift."""
+    training = rng_state()
+    seed_everything(seed * 1_000_003 + step)
+    try:
+        yield
+    finally:
+        set_rng_state(training)
 
 
 def gather_to_rank0(obj):
