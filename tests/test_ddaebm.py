@@ -60,6 +60,21 @@ def test_gradient_penalty_at_data_scales_only_the_t1_pairs():
     assert triple - base == pytest.approx(2 * (base - rest), rel=1e-5)
 
 
+def test_sample_with_floor_generates_from_the_floored_posterior():
+    """With sample_with_floor the last (t = 1) step adds N(0, floor) around G's x_0, in training and sampling
+    alike; without it that step is deterministic given z."""
+    torch.manual_seed(0)
+    method = build_method(small_config(posterior_var_floor=0.25, sample_with_floor=True), SPEC, "cpu")
+    assert method.sample_var_floor == 0.25
+    assert build_method(small_config(posterior_var_floor=0.25), SPEC, "cpu").sample_var_floor == 0.0
+    generator = method.averages.network("generator")
+    outputs = []
+    generator.register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = method.sample(4000)
+    residual = x - outputs[-1]  # the t = 1 step: x_0 = G(x_1, z, 1) + √floor·ε
+    assert abs(float(residual.std()) - 0.5) < 0.02
+
+
 def test_encoder_term_enters_the_generator_loss():
     """L1 with and without −log q_ψ(z | x̃, x_t) differ for the same draws."""
     losses = []

@@ -55,6 +55,22 @@ def test_posterior_against_gaussian_product():
     assert torch.allclose(mean, x0, atol=1e-6) and float(var.abs().max()) < 1e-7
 
 
+def test_posterior_sample_with_a_variance_floor():
+    """The floor turns the t = 1 point mass into N(x_0, floor) and leaves wider posteriors as they are."""
+    sched = DiscreteVPSchedule(4, 0.1, 20.0)
+    torch.manual_seed(0)
+    n = 20000
+    x0, x_t = torch.full((n, 2), 0.5), torch.zeros(n, 2)
+    one = torch.ones(n, dtype=torch.long)
+    assert torch.equal(sched.posterior_sample(x0, x_t, one), x0)
+    floored = sched.posterior_sample(x0, x_t, one, var_floor=0.04)
+    assert abs(float(floored.mean()) - 0.5) < 0.01 and abs(float(floored.std()) - 0.2) < 0.005
+    three = torch.full((n,), 3)
+    assert float(sched.posterior_var[3]) > 0.04
+    noise = torch.randn(n, 2)
+    assert torch.equal(sched.posterior_sample(x0, x_t, three, noise), sched.posterior_sample(x0, x_t, three, noise, 0.04))
+
+
 def test_forward_pairs_have_the_right_joint_statistics():
     sched = DiscreteVPSchedule(4, 0.1, 10.0)
     torch.manual_seed(1)

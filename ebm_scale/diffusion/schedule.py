@@ -110,11 +110,13 @@ class DiscreteVPSchedule:
         mean = self._at(self.posterior_coef_x0, t, x0) * x0 + self._at(self.posterior_coef_xt, t, x_t) * x_t
         return mean, self._at(self.posterior_var, t, x0)
 
-    def posterior_sample(self, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
-        """x_{t−1} ~ q(x_{t−1} | x_t, x_0), reparameterized (differentiable in x0 and x_t)."""
+    def posterior_sample(self, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None = None,
+                         var_floor: float = 0.0) -> Tensor:
+        """x_{t−1} ~ q(x_{t−1} | x_t, x_0), reparameterized (differentiable in x0 and x_t); with `var_floor`, from
+        the Gaussian with the variance floored as in `posterior_log_prob` (the model that log-density scores)."""
         mean, var = self.posterior(x0, x_t, t)
         noise = torch.randn_like(mean) if noise is None else noise
-        return mean + var.sqrt() * noise
+        return mean + var.clamp_min(var_floor).sqrt() * noise
 
     def posterior_log_prob(self, x_prev: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, var_floor: float) -> Tensor:
         """log q(x_{t−1} | x_t, x_0) per sample, with the variance floored at `var_floor`: at t = 1 the true

@@ -81,6 +81,12 @@ class DdaebmConfig:
     # visits the spurious minima of E(·, 0), and the density at t = 0 is left uncorrected there (2D toy:
     # mass piled in the box corners). Sampling stays deterministic at t = 1 whatever the floor.
     posterior_var_floor: float = 1e-2  # (2D toy: 1e-4 and 1e-3 piled the density in the corners, 1e-2 did not)
+    # Generate x_{t−1} from that floored Gaussian too, so p_φ(x_{t−1} | x_t) is the model L2 scores. Without it,
+    # at t = 1 x̃_0 = G(x_1, z) is deterministic: the joint (x̃_0, z) is degenerate, L1's encoder term is then no
+    # bound on the generator's entropy (eq. 16 drops H[p_φ(x_{t−1}, z | x_t)] as a constant, which it only is
+    # with noise), and it pushes G to spread x̃_0 as far as the encoder can tell z apart (2D toy: generated x_0
+    # 6× the data's std around the modes, and E(·, 0) broadens with them).
+    sample_with_floor: bool = False
     ema_decay: float = 0.999            # EMA of G (sampling) and E (density); 0 = off (paper: 0.9999 on CIFAR-10)
     optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
     optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
@@ -130,6 +136,10 @@ class Ddaebm(Method):
         self.pool_seen = 0
 
     @property
+    def sample_var_floor(self) -> float:
+        return self.cfg.posterior_var_floor if self.cfg.sample_with_floor else 0.0
+
+    @property
     def nfe(self) -> int:
         return self.cfg.diffusion.steps
 
@@ -146,7 +156,7 @@ class Ddaebm(Method):
         # Generator + encoder: the energy is a fixed critic here, so its parameters take no gradient.
         energy.requires_grad_(False)
         z = torch.randn(n, cfg.latent_dim, device=self.device)
-        x_fake = sched.posterior_sample(generator(x_t, z, t), x_t, t)
+        x_fake = sched.posterior_sample(generator(x_t, z, t), x_t, t, var_floor=self.sample_var_floor)
         l1 = energy(x_fake, t - 1) - sched.log_q_step(x_t, x_fake, t)
         metrics: dict[str, torch.Tensor] = {}
         if cfg.encoder_term and cfg.latent_dim > 0:
@@ -235,7 +245,7 @@ class Ddaebm(Method):
         for step in range(steps, 0, -1):
             t = torch.full((n,), step, device=self.device)
             z = torch.randn(n, self.cfg.latent_dim, device=self.device)
-            x = sched.posterior_sample(generator(x, z, t), x, t)
+            x = sched.posterior_sample(generator(x, z, t), x, t, var_floor=self.sample_var_floor)
         return x
 
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
