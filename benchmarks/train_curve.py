@@ -90,7 +90,7 @@ def main() -> None:
 
     def show(step: int, metrics: dict) -> None:
         shown = {k: round(v, 3) for k, v in metrics.items()
-                 if k.startswith(("eval/test_ll", "eval/sinkhorn", "eval/ll_gap", "eval/resolution_gap"))}
+                 if k.startswith(("eval/test_ll", "eval/sinkhorn", "eval/ll_gap", "eval/resolution_gap", "eval/samples/"))}
         print(step, shown, f"{time.time() - started:.0f}s", flush=True)
 
     cfg = compose(args.sweep, args.overrides)

@@ -59,7 +59,7 @@ def _print_result(result, cfg) -> None:
         print(f"best trial ({cfg.search.metric} = {m.get(cfg.search.metric):.4g} at step {m.get('step')}):")
         for k, v in (result.best_config or {}).items():
             print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
-        extra = {k: m[k] for k in sorted(m) if k.startswith(("eval/test_ll", "eval/ll_gap"))}
+        extra = {k: m[k] for k in sorted(m) if k.startswith(("eval/test_ll", "eval/ll_gap", "eval/samples/"))}
         for k, v in extra.items():
             print(f"  {k} = {v:.4f}")
     else:

@@ -7,6 +7,7 @@ import torch
 from ebm_scale.data import DataConfig, load_dataset
 from ebm_scale.data.toy import TOY_DATASETS
 from ebm_scale.errors import ConfigError
+from ebm_scale.metrics.toy import mode_sample_metrics
 from ebm_scale.metrics import (
     SINKHORN_COSTS,
     EvalConfig,
@@ -235,11 +236,37 @@ def test_evaluate_toy_reports_sensible_metrics_and_writes_plots(tmp_path):
     assert metrics["eval/ll_gap/mode_weights/ebm"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["eval/ll_gap/within_modes/ebm"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < metrics["eval/sinkhorn_data_floor"] < 1 and 0 < metrics["eval/sinkhorn"] < 1
+    assert metrics["eval/samples/spread"] == pytest.approx(1.0, abs=0.3)
+    assert metrics["eval/samples/off_mode"] < 0.05 and metrics["eval/samples/modes_covered"] == 1.0
     assert [p.name for p in paths] == ["samples_000007.png", "density_000007.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
 
     shifted, _ = evaluate_toy(ExactMethod(data, shift=1.0), data, SMALL, None, step=7)
     assert shifted["eval/sinkhorn"] > metrics["eval/sinkhorn"] + 0.5
+
+
+def test_mode_sample_metrics_see_broad_modes_stray_samples_and_missing_modes():
+    data = _data()
+    mixture = TOY_DATASETS[data.name]
+    g = torch.Generator().manual_seed(5)
+    exact = mode_sample_metrics(mixture.sample(4000, g), data.test, data.modes)
+    assert exact["eval/samples/spread"] == pytest.approx(1.0, abs=0.1)
+    assert exact["eval/samples/off_mode"] == pytest.approx(0.01, abs=0.01) and exact["eval/samples/modes_covered"] == 1.0
+    # every mode twice as wide: squared distances ×4, and far more samples past the data's 99th percentile
+    component = torch.randint(len(data.modes), (4000,), generator=g)
+    wide = data.modes[component] + 2 * (0.5 / 1.414) * torch.randn(4000, 2, generator=g)  # 8gaussians: std 0.5/1.414
+    broad = mode_sample_metrics(wide, data.test, data.modes)
+    assert broad["eval/samples/spread"] == pytest.approx(4.0, rel=0.15) and broad["eval/samples/off_mode"] > 0.2
+    # a quarter of the samples between the modes: the median ignores them, off_mode counts them
+    stray = mixture.sample(4000, g)
+    stray[:1000] = 0.0  # the centre of the circle, 2.8 from every mode
+    between = mode_sample_metrics(stray, data.test, data.modes)
+    assert between["eval/samples/off_mode"] == pytest.approx(0.26, abs=0.03)
+    # all samples on one mode (and a NaN, which is dropped)
+    one = data.modes[:1].repeat(100, 1) + 0.01 * torch.randn(100, 2, generator=g)
+    one[0] = float("nan")
+    collapsed = mode_sample_metrics(one, data.test, data.modes)
+    assert collapsed["eval/samples/modes_covered"] == pytest.approx(1 / len(data.modes))
 
 
 def test_evaluate_toy_survives_non_finite_samples(tmp_path):

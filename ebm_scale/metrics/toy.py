@@ -68,6 +68,8 @@ def evaluate_toy(
     if samples.device.type == "cuda":
         torch.cuda.synchronize(samples.device)
     metrics = _sample_metrics(samples, data.test, cfg)
+    if data.modes is not None:
+        metrics.update(mode_sample_metrics(samples, data.test, data.modes))
     metrics["eval/sample_ms_per_sample"] = 1e3 * (time.perf_counter() - started) / cfg.n_samples
     if getattr(method, "nfe", None) is not None:
         metrics["eval/nfe"] = float(method.nfe)
@@ -120,6 +122,29 @@ def _sample_metrics(samples: Tensor, test: Tensor, cfg: EvalConfig) -> dict[str,
         "eval/sinkhorn": _sinkhorn(samples, test[:n].to(samples.device), cfg),
         "eval/sinkhorn_data_floor": _data_floor(test[:half], test[half:2 * half], cfg) if half else float("nan"),
         "eval/nonfinite_samples": 1.0 - float(torch.isfinite(samples).all(dim=1).float().mean()),
+    }
+
+
+def mode_sample_metrics(samples: Tensor, test: Tensor, modes: Tensor) -> dict[str, float]:
+    """What a sampler does around a mixture's modes, each sample counted to its nearest mode, measured
+    against the test data counted the same way (so no mode width is assumed):
+    * eval/samples/spread: median squared distance to the nearest mode, over the test data's (1 = the
+      modes' width; 4 = twice as wide). The median, so stray points between the modes do not set it;
+    * eval/samples/off_mode: the share of samples farther from every mode than 99 % of the test points
+      (the data itself: 0.01), i.e. the mass a sampler leaves between the modes;
+    * eval/samples/modes_covered: the share of modes that get at least a quarter of an equal share of the
+      samples."""
+    finite = samples[torch.isfinite(samples).all(dim=1)].double()
+    if len(finite) == 0:
+        return {"eval/samples/spread": float("nan"), "eval/samples/off_mode": 1.0, "eval/samples/modes_covered": 0.0}
+    modes, test = modes.double().to(finite.device), test.double().to(finite.device)
+    sample_d2, nearest = torch.cdist(finite, modes).pow(2).min(dim=1)
+    test_d2 = torch.cdist(test, modes).pow(2).min(dim=1).values
+    counts = torch.bincount(nearest, minlength=len(modes)).double()
+    return {
+        "eval/samples/spread": float(sample_d2.median() / test_d2.median()),
+        "eval/samples/off_mode": float((sample_d2 > torch.quantile(test_d2, 0.99)).double().mean()),
+        "eval/samples/modes_covered": float((counts >= len(finite) / (4 * len(modes))).double().mean()),
     }
 
 
