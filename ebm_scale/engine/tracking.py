@@ -118,9 +118,10 @@ class MlflowTracker:
             self.client.set_tag(self.run_id, k, v)
 
     def flush(self) -> None:
-        import mlflow
-
-        mlflow.flush_async_logging()
+        """Wait until every batch logged so far is in the store. mlflow.flush_async_logging() would not do:
+        it flushes the queue of the default tracking URI's store, and this run's batches queue in the store
+        behind its own client (MLflow keeps one store, and one queue, per URI)."""
+        self.client._tracking_client.store.flush_async_logging()
 
 
 def provenance_tags() -> dict[str, str]:
