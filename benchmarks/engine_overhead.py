@@ -4,6 +4,7 @@ loop doing the same math in the same process, plus trial start-up time (in-proce
     uv run python benchmarks/engine_overhead.py            # full (~5 minutes on 2 cores)
     uv run python benchmarks/engine_overhead.py --quick    # smoke run
     uv run python benchmarks/engine_overhead.py --no-startup / --startup-only
+    uv run python benchmarks/engine_overhead.py --method-only   # the method's train_step alone vs the bare loop
 
 Why interleaved chunks: on a shared 2-core VM the same loop's speed drifts by ±20 % over seconds, far more
 than the 3 % being measured, so engine and bare runs timed one after the other cannot resolve it. Here the
@@ -133,6 +134,28 @@ def interleaved_run(pairs: int, uri: str, run_id: str) -> tuple[list[float], lis
             per_iteration(tracker.bare_chunks))
 
 
+def method_only_ratio(pairs: int) -> float:
+    """The method's train_step alone (no loop, no logging) against the bare loop, in alternating chunks of
+    LOG_EVERY iterations: how much of the engine's overhead is the method's own work."""
+    from ebm_scale.methods import build_method
+
+    cfg = compose(None, OVERRIDES)
+    data = load_dataset(cfg.data, cfg.seed)
+    method = build_method(cfg.method, data.spec, "cpu")
+    method.train(True)
+    bare, gen = BareLoop(cfg), torch.Generator().manual_seed(0)
+    ratios = []
+    for pair in range(pairs + 5):
+        t0 = time.perf_counter()
+        for _ in range(LOG_EVERY):
+            method.train_step(data.train[torch.randint(len(data.train), (cfg.train.batch_size,), generator=gen)])
+        method_seconds = time.perf_counter() - t0
+        bare_seconds = bare.run(LOG_EVERY)
+        if pair >= 5:  # the first chunks warm up both
+            ratios.append(method_seconds / bare_seconds)
+    return statistics.median(ratios)
+
+
 def startup_seconds(num_workers: int, storage: str, uri: str) -> float:
     """Wall time from a trial's start to its first report to Tune (1 training iteration)."""
     from ray.tune import Callback
@@ -164,7 +187,14 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=40, help="engine/bare chunk pairs per run (25 iterations each)")
     ap.add_argument("--no-startup", action="store_true", help="skip the trial start-up measurements")
     ap.add_argument("--startup-only", action="store_true", help="only the trial start-up measurements")
+    ap.add_argument("--method-only", action="store_true",
+                    help="only the method's train_step against the bare loop (no engine loop, no MLflow)")
     args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.method_only:
+        ratio = method_only_ratio(6 if args.quick else 60)
+        print(f"mle train_step alone vs the bare loop: {(ratio - 1) * 100:+.1f} % (median pair ratio)")
+        return
     runs, pairs = (1, 6) if args.quick else (args.runs, args.pairs)
     if args.startup_only:
         runs = 0
