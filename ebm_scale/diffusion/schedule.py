@@ -116,7 +116,9 @@ class DiscreteVPSchedule:
         the Gaussian with the variance floored as in `posterior_log_prob` (the model that log-density scores)."""
         mean, var = self.posterior(x0, x_t, t)
         noise = torch.randn_like(mean) if noise is None else noise
-        return mean + var.clamp_min(var_floor).sqrt() * noise
+        if var_floor > 0:
+            var = var.clamp_min(var_floor)
+        return mean + var.sqrt() * noise
 
     def posterior_log_prob(self, x_prev: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, var_floor: float) -> Tensor:
         """log q(x_{t−1} | x_t, x_0) per sample, with the variance floored at `var_floor`: at t = 1 the true
