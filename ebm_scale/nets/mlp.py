@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ebm_scale.errors import require
+from ebm_scale.schema import Config, knob
 
 
 class LipSwish(nn.Module):
@@ -41,17 +41,12 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 @dataclass
-class MLPConfig:
-    hidden: int = 256
-    layers: int = 5  # Linear layers in total, input and output layers included
-    activation: str = "swish"
-
-    def validate(self, prefix: str) -> None:
-        require(self.hidden >= 1, f"{prefix}.hidden", f"must be >= 1, got {self.hidden}")
-        # A single Linear layer is a linear energy: exp(-E) cannot be normalized and its gradient is constant.
-        require(self.layers >= 2, f"{prefix}.layers", f"must be >= 2 (Linear layers in total), got {self.layers}")
-        require(self.activation in ACTIVATIONS, f"{prefix}.activation", f"unknown activation {self.activation!r}",
-                allowed=sorted(ACTIVATIONS))
+class MLPConfig(Config):
+    hidden: int = knob(256, ge=1)
+    # Linear layers in total, input and output included. One Linear layer is a linear energy: exp(-E) cannot
+    # be normalized and its gradient is constant.
+    layers: int = knob(5, ge=2, note="Linear layers in total")
+    activation: str = knob("swish", choices=ACTIVATIONS, noun="activation")
 
 
 class ScalarHead(nn.Module):
@@ -79,7 +74,6 @@ class EnergyMLP(nn.Module):
     def __init__(self, dim: int, cfg: MLPConfig | None = None):
         super().__init__()
         cfg = cfg or MLPConfig()
-        cfg.validate("net")
         widths = [dim] + [cfg.hidden] * (cfg.layers - 1)
         blocks: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
