@@ -7,6 +7,7 @@ from torch.nn.utils import parametrize
 
 from ebm_scale.errors import ConfigError
 from ebm_scale.nets.conv_energy import CONV_ENERGIES, ConvEnergyConfig, ResBlock, build_conv_energy
+from ebm_scale.nets.energy import EnergyNetConfig
 from ebm_scale.nets.mlp import LipSwish, ScalarHead
 
 
@@ -177,6 +178,7 @@ def test_config_validation_names_the_key(field, value, message):
         cfg.validate("method.energy")
     assert info.value.key == f"method.energy.{field}"
     assert str(info.value) == f"method.energy.{field}: {message}"
-    with pytest.raises(ConfigError, match=f"net.{field}"):  # build_conv_energy validates before building
-        build_conv_energy((3, 8, 8), cfg)
+    with pytest.raises(ConfigError) as info:  # the methods' energy config checks it through its conv view
+        EnergyNetConfig(**{"arch": "vaebm_resnet", field: value}).validate("method.energy")
+    assert info.value.key == f"method.energy.{field}"
     ConvEnergyConfig().validate("method.energy")  # the defaults are valid

@@ -30,19 +30,19 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ebm_scale.errors import require
 from ebm_scale.nets.mlp import ACTIVATIONS, LipSwish, ScalarHead
+from ebm_scale.schema import Config, knob
+
+# arch name → module class; filled below the classes (the config's `arch` choices read it when checking)
+CONV_ENERGIES: dict[str, Callable[..., nn.Module]] = {}
 
 
 @dataclass
-class ConvEnergyConfig:
-    arch: str = "nt_ebm"  # nt_ebm | vaebm_resnet
-    channels: int = 32  # n_f (NT-EBM: 32 in all of paper 002's runs) / stem width (VAEBM: 128 CIFAR-10, 64 at 64 px)
-    blocks_per_stage: int = 1  # VAEBM: plain ResBlocks after each ResBlock down (Table 7: 1); nt_ebm ignores it
-
-    def validate(self, prefix: str) -> None:
-        require(self.arch in CONV_ENERGIES, f"{prefix}.arch", f"unknown conv energy {self.arch!r}",
-                allowed=sorted(CONV_ENERGIES))
-        require(self.channels >= 1, f"{prefix}.channels", f"must be >= 1, got {self.channels}")
-        require(self.blocks_per_stage >= 0, f"{prefix}.blocks_per_stage", f"must be >= 0, got {self.blocks_per_stage}")
+class ConvEnergyConfig(Config):
+    arch: str = knob("nt_ebm", choices=CONV_ENERGIES, noun="conv energy")  # nt_ebm | vaebm_resnet
+    # n_f (NT-EBM: 32 in all of paper 002's runs) / stem width (VAEBM: 128 CIFAR-10, 64 at 64 px)
+    channels: int = knob(32, ge=1)
+    # VAEBM: plain ResBlocks after each ResBlock down (Table 7: 1); nt_ebm ignores it
+    blocks_per_stage: int = knob(1, ge=0)
 
 
 def _num_stages(shape: tuple[int, ...], arch: str, prefix: str) -> int:
@@ -151,11 +151,11 @@ class VAEBMResNetEnergy(nn.Module):
                 handle.remove()
 
 
-CONV_ENERGIES: dict[str, Callable[..., nn.Module]] = {"nt_ebm": NTEBMEnergy, "vaebm_resnet": VAEBMResNetEnergy}
+CONV_ENERGIES.update(nt_ebm=NTEBMEnergy, vaebm_resnet=VAEBMResNetEnergy)
 
 
 def build_conv_energy(shape: tuple[int, int, int], cfg: ConvEnergyConfig, prefix: str = "net") -> nn.Module:
-    """The energy for (C, H, W) data: a module mapping (n, C, H, W) → (n,). Errors name `prefix`'s keys."""
-    cfg.validate(prefix)
+    """The energy for (C, H, W) data: a module mapping (n, C, H, W) → (n,). Shape errors name `prefix`'s keys;
+    the config itself was validated at compose time."""
     _num_stages(tuple(shape), cfg.arch, prefix)  # reject the data's shape before building anything
     return CONV_ENERGIES[cfg.arch](tuple(shape), cfg, prefix)

@@ -7,27 +7,24 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ebm_scale.errors import require
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
+from ebm_scale.schema import Config, knob
 
 ENERGY_ARCHS = ("mlp", "nt_ebm", "vaebm_resnet")
 
 @dataclass
-class EnergyNetConfig:
-    arch: str = "mlp"            # mlp | nt_ebm (paper 002 Tables 4/5) | vaebm_resnet (paper 003)
+class EnergyNetConfig(Config):
+    # mlp | nt_ebm (paper 002 Tables 4/5) | vaebm_resnet (paper 003)
+    arch: str = knob("mlp", choices=ENERGY_ARCHS, noun="energy network")
+    # The other fields are checked through the chosen arch's own config (rules): only its fields matter.
     hidden: int = 256            # mlp width
     layers: int = 4              # mlp Linear layers (paper 003's 2D energy: 4 × 256)
     activation: str = "swish"    # mlp activation
     channels: int = 32           # conv archs: n_f / base channels
     blocks_per_stage: int = 1    # vaebm_resnet residual blocks per resolution
 
-    def validate(self, prefix: str) -> None:
-        require(self.arch in ENERGY_ARCHS, f"{prefix}.arch", f"unknown energy network {self.arch!r}",
-                allowed=ENERGY_ARCHS)
-        if self.arch == "mlp":
-            self._mlp().validate(prefix)
-        else:
-            self._conv().validate(prefix)
+    def rules(self):
+        yield self._mlp() if self.arch == "mlp" else self._conv()
 
     def _mlp(self) -> MLPConfig:
         return MLPConfig(hidden=self.hidden, layers=self.layers, activation=self.activation)
