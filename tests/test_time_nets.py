@@ -175,8 +175,8 @@ def test_unet_cond_is_required_when_declared():
     (dict(arch="unet", channels=0), "method.net.channels"),
 ])
 def test_config_errors_name_the_key(overrides, key):
-    with pytest.raises(ConfigError) as err:
-        build_time_energy((2,), DiffusionNetConfig(**overrides), prefix="method.net")
+    with pytest.raises(ConfigError) as err:  # checked once, at compose time: the builders do not re-validate
+        DiffusionNetConfig(**overrides).validate("method.net")
     assert err.value.key == key
 
 

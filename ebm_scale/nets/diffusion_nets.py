@@ -20,16 +20,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ebm_scale.errors import require
 from ebm_scale.nets.time_mlp import TimeEnergyMLP, TimeMLP, TimeMLPConfig
 from ebm_scale.nets.unet import ConvEncoder, UNet, UNetConfig, UNetEnergy, UNetGenerator
+from ebm_scale.schema import Config, knob
 
 DIFFUSION_ARCHS = ("mlp", "unet")
 
 
 @dataclass
-class DiffusionNetConfig:
-    arch: str = "mlp"                 # mlp (any shape, flattened) | unet (images (C, H, W))
+class DiffusionNetConfig(Config):
+    # mlp (any shape, flattened) | unet (images (C, H, W))
+    arch: str = knob("mlp", choices=DIFFUSION_ARCHS, noun="diffusion network")
+    # The other fields are checked through the chosen arch's own config (rules): only its fields matter.
     hidden: int = 300                 # mlp width
     layers: int = 3                   # mlp Linear layers in total, output included
     activation: str = "prelu"         # both archs (images: swish)
@@ -40,13 +42,8 @@ class DiffusionNetConfig:
     channel_mults: tuple[int, ...] = (1, 2)  # unet: one level each; H and W divisible by 2^(len − 1)
     blocks_per_level: int = 1         # unet residual blocks per level
 
-    def validate(self, prefix: str) -> None:
-        require(self.arch in DIFFUSION_ARCHS, f"{prefix}.arch", f"unknown diffusion network {self.arch!r}",
-                allowed=DIFFUSION_ARCHS)
-        if self.arch == "mlp":
-            self._mlp().validate(prefix)
-        else:
-            self._unet().validate(prefix)
+    def rules(self):
+        yield self._mlp() if self.arch == "mlp" else self._unet()
 
     def check_shape(self, shape: tuple[int, ...], prefix: str) -> None:
         """The data-dependent rules: the mlp takes any shape, the unet needs images it can halve."""
@@ -64,7 +61,7 @@ class DiffusionNetConfig:
 
 
 def _checked(shape: tuple[int, ...], cfg: DiffusionNetConfig, prefix: str) -> tuple[int, ...]:
-    cfg.validate(prefix)
+    # The config itself was validated at compose time; the data's shape is known only here.
     cfg.check_shape(tuple(shape), prefix)  # reject the data's shape before building anything
     return tuple(shape)
 

@@ -21,34 +21,33 @@ import torch
 from torch import nn
 
 from ebm_scale.diffusion.embeddings import EMBEDDINGS, batch_times
-from ebm_scale.errors import require
 from ebm_scale.nets.mlp import ACTIVATIONS, ScalarHead
+from ebm_scale.schema import Config, Rule, knob
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 @dataclass
-class TimeMLPConfig:
-    hidden: int = 300
-    layers: int = 3  # Linear layers in total, output layer included (so layers − 1 time-conditioned hidden layers)
-    activation: str = "prelu"
-    embedding: str = "sinusoidal"  # sinusoidal (integer steps) | fourier (t ∈ [0, 1])
-    embed_dim: int = 64
+class TimeMLPConfig(Config):
+    hidden: int = knob(300, ge=1)
+    # Linear layers in total, output layer included (so layers − 1 time-conditioned hidden layers). One Linear
+    # layer has no hidden layer to condition on t, and is linear in x.
+    layers: int = knob(3, ge=2, note="Linear layers in total")
+    activation: str = knob("prelu", choices=ACTIVATIONS, noun="activation")
+    # sinusoidal (integer steps) | fourier (t ∈ [0, 1])
+    embedding: str = knob("sinusoidal", choices=EMBEDDINGS, noun="time embedding")
+    embed_dim: int = knob(64, ge=2, note="half sines, half cosines")  # and even: rules()
     # t is multiplied by this before embedding: integer steps t ∈ {0..T} embed fine as they are (1.0), a
     # continuous t ∈ [0, 1] wants ~1000 for the sinusoidal embedding (its frequencies are made for steps).
-    time_scale: float = 1.0
+    time_scale: float = knob(1.0, gt=0)
 
-    def validate(self, prefix: str) -> None:
-        require(self.hidden >= 1, f"{prefix}.hidden", f"must be >= 1, got {self.hidden}")
-        # One Linear layer has no hidden layer to condition on t, and is linear in x.
-        require(self.layers >= 2, f"{prefix}.layers", f"must be >= 2 (Linear layers in total), got {self.layers}")
-        require(self.activation in ACTIVATIONS, f"{prefix}.activation", f"unknown activation {self.activation!r}",
-                allowed=sorted(ACTIVATIONS))
-        require(self.embedding in EMBEDDINGS, f"{prefix}.embedding", f"unknown time embedding {self.embedding!r}",
-                allowed=sorted(EMBEDDINGS))
-        require(self.embed_dim >= 2 and self.embed_dim % 2 == 0, f"{prefix}.embed_dim",
-                f"must be even and >= 2 (half sines, half cosines), got {self.embed_dim}")
-        require(self.time_scale > 0, f"{prefix}.time_scale", f"must be > 0, got {self.time_scale}")
+    def rules(self):
+        yield even_embed_dim(self.embed_dim)
+
+
+def even_embed_dim(embed_dim: int) -> Rule:
+    """Half sines, half cosines: the time embedding's width must be even (TimeMLPConfig and UNetConfig)."""
+    return Rule("embed_dim", embed_dim % 2 == 0, f"must be even (half sines, half cosines), got {embed_dim}")
 
 
 def flat_inputs(x: Inputs) -> torch.Tensor:
@@ -89,7 +88,6 @@ class TimeMLP(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, cfg: TimeMLPConfig | None = None):
         super().__init__()
         cfg = cfg or TimeMLPConfig()
-        cfg.validate("net")
         if out_dim < 1:  # a zero-width Linear warns at init; a caller with nothing to predict needs no net
             raise ValueError(f"out_dim must be >= 1, got {out_dim}")
         self.trunk = TimeTrunk(in_dim, cfg)
@@ -106,7 +104,6 @@ class TimeEnergyMLP(nn.Module):
     def __init__(self, in_dim: int, cfg: TimeMLPConfig | None = None):
         super().__init__()
         cfg = cfg or TimeMLPConfig()
-        cfg.validate("net")
         self.trunk = TimeTrunk(in_dim, cfg)
         self.head = ScalarHead(cfg.hidden)
         self.in_dim = in_dim

@@ -26,31 +26,28 @@ from torch import nn
 from ebm_scale.diffusion.embeddings import EMBEDDINGS, batch_times
 from ebm_scale.errors import require
 from ebm_scale.nets.mlp import ACTIVATIONS
+from ebm_scale.nets.time_mlp import even_embed_dim
+from ebm_scale.schema import Config, Rule, knob
 
 
 @dataclass
-class UNetConfig:
-    channels: int = 32
-    channel_mults: tuple[int, ...] = (1, 2)  # one level each (width = channels · mult); H, W divisible by 2^(len−1)
-    blocks_per_level: int = 1
-    embed_dim: int = 64
-    activation: str = "swish"
-    embedding: str = "sinusoidal"  # sinusoidal (integer steps) | fourier (t ∈ [0, 1])
-    time_scale: float = 1.0  # t is multiplied by this before embedding (t ∈ [0, 1] with sinusoidal: ~1000)
+class UNetConfig(Config):
+    channels: int = knob(32, ge=1)
+    # one level each (width = channels · mult); H, W divisible by 2^(len−1)
+    channel_mults: tuple[int, ...] = knob((1, 2), ge=1, nonempty=True)  # and integers: rules()
+    blocks_per_level: int = knob(1, ge=1)
+    embed_dim: int = knob(64, ge=2, note="half sines, half cosines")  # and even: rules()
+    activation: str = knob("swish", choices=ACTIVATIONS, noun="activation")
+    # sinusoidal (integer steps) | fourier (t ∈ [0, 1])
+    embedding: str = knob("sinusoidal", choices=EMBEDDINGS, noun="time embedding")
+    # t is multiplied by this before embedding (t ∈ [0, 1] with sinusoidal: ~1000)
+    time_scale: float = knob(1.0, gt=0)
 
-    def validate(self, prefix: str) -> None:
-        require(self.channels >= 1, f"{prefix}.channels", f"must be >= 1, got {self.channels}")
-        mults = tuple(self.channel_mults)  # OmegaConf hands tuples back as lists
-        require(len(mults) >= 1 and all(isinstance(m, int) and m >= 1 for m in mults), f"{prefix}.channel_mults",
-                f"must be a non-empty list of integers >= 1, got {list(mults)}")
-        require(self.blocks_per_level >= 1, f"{prefix}.blocks_per_level", f"must be >= 1, got {self.blocks_per_level}")
-        require(self.embed_dim >= 2 and self.embed_dim % 2 == 0, f"{prefix}.embed_dim",
-                f"must be even and >= 2 (half sines, half cosines), got {self.embed_dim}")
-        require(self.activation in ACTIVATIONS, f"{prefix}.activation", f"unknown activation {self.activation!r}",
-                allowed=sorted(ACTIVATIONS))
-        require(self.embedding in EMBEDDINGS, f"{prefix}.embedding", f"unknown time embedding {self.embedding!r}",
-                allowed=sorted(EMBEDDINGS))
-        require(self.time_scale > 0, f"{prefix}.time_scale", f"must be > 0, got {self.time_scale}")
+    def rules(self):
+        mults = list(self.channel_mults)  # OmegaConf hands tuples back as lists
+        yield Rule("channel_mults", all(isinstance(m, int) for m in mults),
+                   f"must be a non-empty list of integers >= 1, got {mults}")
+        yield even_embed_dim(self.embed_dim)
 
     def check_shape(self, shape: tuple[int, ...], prefix: str) -> None:
         """The data-dependent rules (the data's shape is known only next to the config, not inside it)."""
@@ -124,7 +121,6 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig | None = None, cond_dim: int = 0):
         super().__init__()
         cfg = cfg or UNetConfig()
-        cfg.validate("net")
         widths = [cfg.channels * m for m in cfg.channel_mults]
         self.time = TimeConditioning(cfg, cond_dim)
         self.stem = _conv3(in_channels, widths[0])
@@ -203,7 +199,6 @@ class ConvEncoder(nn.Module):
     def __init__(self, shape: tuple[int, int, int], z_dim: int, cfg: UNetConfig | None = None):
         super().__init__()
         cfg = cfg or UNetConfig()
-        cfg.validate("net")
         if z_dim < 1:  # nothing to encode; the builder hands back a parameter-free stand-in instead
             raise ValueError(f"z_dim must be >= 1, got {z_dim}")
         widths = [cfg.channels * m for m in cfg.channel_mults]
