@@ -12,7 +12,7 @@ from ebm_scale.engine.loop import MetricAccumulator, train
 from ebm_scale.engine.state import load_state
 from ebm_scale.engine.sweep import _prune_aware_optuna, trial_outcome, tune_search_space
 
-TINY = ["method.net.hidden=16", "method.net.layers=3", "method.sampler.steps=3", "train.batch_size=32",
+TINY = ["method.energy.hidden=16", "method.energy.layers=3", "method.sampler.steps=3", "train.batch_size=32",
         "train.log_every=5", "eval.n_samples=50", "eval.grid_size=16", "eval.plots=false",
         "search.scheduler.kind=fifo", "method.sampler.init=buffer", "method.sampler.noise_scale=0.1"]
 
@@ -71,6 +71,33 @@ def test_nan_in_the_weights_ends_the_run_as_diverged():
     assert summary.diverged and summary.step == 15  # detected at the next log point, not later
     assert session.metrics[-1]["diverged"] == 1 and math.isinf(session.metrics[-1]["eval/sinkhorn"])
     assert set(session.checkpoints) == {10}  # the last good checkpoint is the one kept
+
+
+def test_one_non_finite_metric_ends_the_run_as_diverged(monkeypatch):
+    """Divergence is any metric going non-finite, not all of them at once: here only energy/neg turns NaN
+    from step 12 on while the loss stays finite."""
+    from ebm_scale.engine import loop
+
+    build = loop.build_method
+
+    def build_with_one_nan_metric(*args, **kwargs):
+        method = build(*args, **kwargs)
+        step, calls = method.train_step, []
+
+        def train_step(batch):
+            calls.append(1)
+            out = step(batch)
+            return {**out, "energy/neg": torch.tensor(float("nan"))} if len(calls) >= 12 else out
+
+        method.train_step = train_step
+        return method
+
+    monkeypatch.setattr(loop, "build_method", build_with_one_nan_metric)
+    session = MemorySession()
+    summary = train(compose(None, TINY + ["train.iterations=20", "train.eval_every=10"]), session)
+    assert summary.diverged and summary.step == 15
+    assert math.isnan(summary.metrics["train/energy/neg"]) and math.isfinite(summary.metrics["train/loss"])
+    assert session.metrics[-1]["diverged"] == 1 and set(session.checkpoints) == {10}
 
 
 def test_metric_accumulator_averages_per_key_and_refuses_attached_tensors():
