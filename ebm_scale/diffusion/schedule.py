@@ -5,7 +5,7 @@
 
 so q(x_t | x_0) = N(√ᾱ_t·x_0, (1 − ᾱ_t)·I) is the continuous VP SDE's marginal at time t'(t), whatever T is.
 With few steps and a small β range the chain does NOT reach N(0, I) at t = T: `terminal_kl_bound` says how
-far off it is, so a sampler can refuse to start from N(0, I) when that would be wrong (METHODS.md §2).
+far off it is, so a sampler can refuse to start from N(0, I) when that would be wrong (docs/methods/ddaebm.md).
 
 Time indices are integer tensors t ∈ {0, …, T}; every per-step coefficient is a (T+1,) table indexed by t
 and broadcast over the data's trailing dimensions.

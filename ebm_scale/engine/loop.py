@@ -61,7 +61,7 @@ class RunSummary:
 class MetricAccumulator:
     """Collects per-step metric tensors; `pop()` averages them on the device and moves the means to the host
     in one transfer. `add` only appends references: per-step tensor arithmetic here would cost more than
-    the bookkeeping it does (a dozen tiny ops per step is ~1 % of a small-MLP iteration on CPU)."""
+    the bookkeeping it does (tiny per-step ops add up on a small-MLP iteration; docs/performance.md)."""
 
     def __init__(self):
         self.steps: list[dict[str, torch.Tensor]] = []

@@ -244,7 +244,7 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
     run_name = previous or time.strftime("%Y%m%d-%H%M%S")
     sweep_path = f"{sweep_root}/{run_name}"
 
-    # Ray's start and MLflow's first open of a fresh SQLite store (schema migrations) take ~10 s each on a
+    # Ray's start and MLflow's first open of a fresh SQLite store (schema migrations) take seconds each on a
     # small machine: do them side by side. Only the experiment is created before the resource check; the
     # sweep's run is created after it, so a sweep rejected there leaves no run behind.
     with ThreadPoolExecutor(max_workers=1) as pool:

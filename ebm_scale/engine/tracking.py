@@ -3,7 +3,7 @@
 Only the driver process of a trial creates or finds its run (idempotently, by the Tune trial id, so a
 retried or resumed trial never gets a second run); rank 0 of that trial logs into it; the sweep process
 sets its final status. Metric writes are batched per log interval and asynchronous (MLflow's own async
-logging), so a SQLite write (~20 ms) never sits on the training step.
+logging), so a SQLite write (docs/performance.md) never sits on the training step.
 """
 from __future__ import annotations
 

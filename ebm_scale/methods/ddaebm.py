@@ -1,4 +1,4 @@
-"""`ddaebm`: Denoising Diffusion Adversarial EBM (METHODS.md §2, paper 001).
+"""`ddaebm`: Denoising Diffusion Adversarial EBM (docs/methods/ddaebm.md, paper 001).
 
 A T-step VP diffusion; at each step a conditional EBM p_θ(x_{t−1} | x_t) ∝ exp(−E_θ(x_{t−1}, t−1))·q(x_t | x_{t−1})
 is matched adversarially by a generator distribution p_φ(x_{t−1} | x_t) = ∫ p(z) q(x_{t−1} | x_t, G_φ(x_t, z, t)) dz.
@@ -36,7 +36,7 @@ class DiffusionChainConfig:
     beta_max: float = 20.0              # paper: (0.1, 20) for images, (0.1, 10) MNIST
     time_schedule: str = "equidistant"  # equidistant | drl
     # Where sampling starts. q(x_T) is only ≈ N(0, I) when the β range is wide enough for the data's scale
-    # (METHODS.md §2). auto: N(0, I) if the measured bound on KL(q(x_T) ‖ N(0, I)) is below `terminal_kl_tol`
+    # (docs/methods/ddaebm.md). auto: N(0, I) if the measured bound on KL(q(x_T) ‖ N(0, I)) is below `terminal_kl_tol`
     # nats, else the true marginal, √ᾱ_T·x_0 + √(1 − ᾱ_T)·ε with x_0 from a pool of seen training points.
     terminal: str = "auto"
     terminal_kl_tol: float = 0.05
@@ -85,7 +85,7 @@ class DdaebmConfig:
     # Generate x_{t−1} from that floored Gaussian too, so p_φ(x_{t−1} | x_t) is the model L2 scores. Without it,
     # at t = 1 x̃_0 = G(x_1, z) is deterministic: the joint (x̃_0, z) is degenerate, and L1's encoder term is then
     # no bound on the generator's entropy (eq. 16 drops H[p_φ(x_{t−1}, z | x_t)] as a constant, which it only is
-    # with noise). On the 2D toy it changed nothing measurable (README: −1.97 / −2.01 at 20k vs −1.92 / −1.89).
+    # with noise). On the 2D toy it did not improve the density (docs/results/ddaebm.md).
     sample_with_floor: bool = False
     ema_decay: float = 0.999            # EMA of G (sampling) and E (density); 0 = off (paper: 0.9999 on CIFAR-10)
     optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))

@@ -1,4 +1,4 @@
-"""`diffebm`: an EBM trained jointly with a diffusion sampler, no MCMC (METHODS.md §5, paper 004).
+"""`diffebm`: an EBM trained jointly with a diffusion sampler, no MCMC (docs/methods/diffebm.md, paper 004).
 
 A control u_φ(x, t) defines the generative SDE from the prior N(0, I) to data (diffusion/sde.py); an energy
 E_θ(x) defines the model density ∝ exp(−E_θ). One iteration, on a batch of n paths simulated with the

@@ -1,4 +1,4 @@
-"""`mle`: maximum-likelihood EBM training with short-run dynamics (METHODS.md §1, paper 000).
+"""`mle`: maximum-likelihood EBM training with short-run dynamics (docs/methods/mle.md, paper 000).
 
     L = mean E_θ(x_data) − mean E_θ(sg[x_neg]) + α·mean(E_pos² + E_neg²) + λ_gen·mean E_sg[θ](G_θ(x0))
 

@@ -1,5 +1,5 @@
 """`nt_ebm`: an energy tilting a frozen flow, sampled by HMC in the flow's latent space (paper 002,
-METHODS.md §3). The paper writes the tilt as exp(f); here E = −f, as everywhere in ebm_scale.
+docs/methods/nt_ebm.md). The paper writes the tilt as exp(f); here E = −f, as everywhere in ebm_scale.
 
     p(x) ∝ exp(−E(x)) · q_α(x),   x = g_α(z):   p(z) ∝ exp(−E(g_α(z))) · N(z; 0, I)   (no Jacobian)
 

@@ -1,5 +1,5 @@
 """`vaebm`: an energy correcting a frozen VAE, sampled by Langevin in the VAE's noise space (paper 003,
-METHODS.md §4).
+docs/methods/vaebm.md).
 
     h(x, z) ∝ p_vae(x, z) · exp(−E(x));  x = T(ε) = μ_x(ε_z) + σ_x(ε_z)·ε_x,  z = ε_z,  ε ~ N(0, I)
 
@@ -12,7 +12,7 @@ referenced by `backbone` and never updated here.
 with its step adapted toward a target acceptance (leapfrog_steps 1 = MALA) — not in the paper. Why it exists:
 as E sharpens, U's curvature in ε-space is ~ Jᵀ∇²E J through the decoder's Jacobian J, so a step that was
 stable early overshoots later; a fixed-step chain then scatters its negatives and the energy chases them
-(on 25gaussians every Langevin setting tried ran away; see the README). The MH test keeps the chain exact
+(on 25gaussians every Langevin setting tried ran away: docs/results/vaebm.md). The MH test keeps the chain exact
 and the adaptation shrinks ε as the energy sharpens.
 """
 from __future__ import annotations

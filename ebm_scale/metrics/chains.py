@@ -1,4 +1,4 @@
-"""Long-run MCMC diagnostics of a method's own sampler, at evaluation (METHODS.md "Shared evaluation").
+"""Long-run MCMC diagnostics of a method's own sampler, at evaluation (docs/methods/nt_ebm.md, "Diagnostics").
 
 A method that runs Markov chains exposes `long_chains(m, length)` → {label: (m, length, dim) data-space
 traces}; this runs them, reduces each label's traces to R̂ / ESS / autocorrelation (metrics.mcmc) and draws

@@ -106,8 +106,8 @@ def resolution_gap(grid: DensityGrid, log_z: float) -> float:
     size at no extra density evaluation (the half-resolution sum is usually the worse of the two): near 0
     means the grid resolves the density; a gap comparable to the log-likelihood differences being read calls
     for a finer `eval.grid_size`. For a Gaussian of std 0.02 on [−4, 4]²: grid 100 → log Z off by 0.34, gap
-    2.9; grid 200 → 0.02, gap 0.45; grid 400 → 1e-7, gap 0.015. It is not a strict bound: a DDAEBM energy
-    on 25gaussians (25 peaks of std ~0.1 on [−4.5, 4.5]²) gave gap 0.025 at grid 100 with log Z off by 0.05."""
+    2.9; grid 200 → 0.02, gap 0.45; grid 400 → 1e-7, gap 0.015. It is not a strict bound: on a DDAEBM energy
+    log Z's error has exceeded the gap (docs/results/ddaebm.md, "Evaluation grid")."""
     coarse_z, _ = log_normalizer(DensityGrid(grid.xs[::2], grid.ys[::2], grid.values[::2, ::2]))
     return abs(log_z - coarse_z)
 

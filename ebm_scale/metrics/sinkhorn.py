@@ -37,7 +37,8 @@ SINKHORN_COSTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 _CHECK_EVERY = 10  # iterations between convergence checks (each costs one extra mat-vec)
 _ABSORB_AT = 50.0  # |log scaling| beyond which the scalings are folded into the potentials (e^50 ≪ float64 max)
 # Kernel entries below e^-200 are set to exactly 0. Near the optimum every row and column holds entries ≳ e^-30,
-# so this changes no sum in float64; left in, exp() makes subnormal numbers, which slow the mat-vecs ~5×.
+# so this changes no sum in float64; left in, exp() makes subnormal numbers, which slow the mat-vecs
+# several-fold (docs/performance.md).
 _KERNEL_FLOOR = -200.0
 
 

@@ -53,8 +53,8 @@ class ScalarHead(nn.Module):
     """The output layer of an energy: Linear(width → 1) returning (n,) energies directly, as one addmv.
 
     Why not nn.Linear(width, 1) + squeeze: samplers evaluate E and ∇_x E tens of times per training
-    iteration, and the squeeze's extra autograd node made a 2→128→128→1 MLP's fwd+grad ~4 % slower on CPU
-    (interleaved timing, 3000 repeats). Initialised like nn.Linear.
+    iteration, and the squeeze's extra autograd node made a small MLP's fwd+grad measurably slower on CPU
+    (docs/performance.md). Initialised like nn.Linear.
     """
 
     def __init__(self, width: int):

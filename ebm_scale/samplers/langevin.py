@@ -35,8 +35,8 @@ def mean_grad_norm(grad: torch.Tensor) -> torch.Tensor:
 
 class ChainEnds:
     """Callback keeping ∇E at a chain's first and last step. Methods report ‖∇E‖ there only: reducing every
-    step's gradient costs ~8 % of a small-MLP training iteration, and the two ends say what matters (how
-    steep the start is, whether the chain has settled)."""
+    step's gradient costs a visible share of a small-MLP iteration (docs/performance.md), and the two ends say
+    what matters (how steep the start is, whether the chain has settled)."""
 
     def __init__(self):
         self.first: torch.Tensor | None = None
