@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ebm_scale.errors import require
+from ebm_scale.schema import Config, knob
 
 ARCHS = ("mlp", "conv")
 COUPLINGS = ("affine", "additive")
@@ -32,21 +32,13 @@ LOG_SCALE_BOUND = 2.0
 
 
 @dataclass
-class FlowConfig:
-    arch: str = "mlp"  # mlp (flat vectors, e.g. 2D toy data) | conv (images (C, H, W), H and W even)
-    depth: int = 8  # flow steps; each = actnorm → invertible linear / 1×1-conv mixing → coupling
-    hidden: int = 128  # width of the coupling MLPs / channels of the coupling conv nets
-    coupling_layers: int = 2  # hidden layers in each coupling net
-    coupling: str = "affine"  # affine | additive (paper 002's Glow: additive)
-
-    def validate(self, prefix: str) -> None:
-        require(self.arch in ARCHS, f"{prefix}.arch", f"unknown arch {self.arch!r}", allowed=ARCHS)
-        require(self.depth >= 1, f"{prefix}.depth", f"must be >= 1, got {self.depth}")
-        require(self.hidden >= 1, f"{prefix}.hidden", f"must be >= 1, got {self.hidden}")
-        require(self.coupling_layers >= 1, f"{prefix}.coupling_layers",
-                f"must be >= 1, got {self.coupling_layers}")
-        require(self.coupling in COUPLINGS, f"{prefix}.coupling", f"unknown coupling {self.coupling!r}",
-                allowed=COUPLINGS)
+class FlowConfig(Config):
+    # mlp (flat vectors, e.g. 2D toy data) | conv (images (C, H, W), H and W even)
+    arch: str = knob("mlp", choices=ARCHS, noun="arch")
+    depth: int = knob(8, ge=1)  # flow steps; each = actnorm → invertible linear / 1×1-conv mixing → coupling
+    hidden: int = knob(128, ge=1)  # width of the coupling MLPs / channels of the coupling conv nets
+    coupling_layers: int = knob(2, ge=1)  # hidden layers in each coupling net
+    coupling: str = knob("affine", choices=COUPLINGS, noun="coupling")  # affine | additive (paper 002's Glow: additive)
 
 
 def _per_channel(p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -221,8 +213,7 @@ class Flow(nn.Module):
 
     def __init__(self, shape: tuple[int, ...], cfg: FlowConfig | None = None):
         super().__init__()
-        cfg = cfg or FlowConfig()
-        cfg.validate("flow")
+        cfg = cfg or FlowConfig()  # validated at compose time; the shape checks below need the data
         self.shape, self.cfg = tuple(shape), cfg
         if cfg.arch == "conv":
             if len(self.shape) != 3 or self.shape[1] % 2 or self.shape[2] % 2:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ebm_scale.errors import require
 from ebm_scale.nets.mlp import ACTIVATIONS
+from ebm_scale.schema import Config, knob
 
 ARCHS = ("mlp", "conv", "linear")
 
@@ -27,29 +28,23 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
-class VAEConfig:
-    arch: str = "mlp"  # mlp (flat vectors) | conv (images (C, H, W), H = W a power of 2 >= 8) | linear (PPCA-like)
-    latent_dim: int = 20
-    hidden: int = 256  # MLP width / conv channels of the first stage (doubled at every down-sampling; 32–64 for conv)
-    layers: int = 4  # hidden layers of each MLP (encoder and decoder); conv: down/up-sampling stages; linear: unused
-    activation: str = "swish"
+class VAEConfig(Config):
+    # mlp (flat vectors) | conv (images (C, H, W), H = W a power of 2 >= 8) | linear (PPCA-like)
+    arch: str = knob("mlp", choices=ARCHS, noun="VAE architecture")
+    latent_dim: int = knob(20, ge=1)
+    # MLP width / conv channels of the first stage (doubled at every down-sampling; 32–64 for conv)
+    hidden: int = knob(256, ge=1)
+    # hidden layers of each MLP (encoder and decoder); conv: down/up-sampling stages; linear: unused
+    layers: int = knob(4, ge=1)
+    activation: str = knob("swish", choices=ACTIVATIONS, noun="activation")
     learn_sigma_x: bool = True  # decoder outputs log σ_x(z) per dimension; False: σ_x fixed to `sigma_x`
     # learn_sigma_x=False: the decoder's std, fixed. learn_sigma_x=True: a smooth floor, σ_x(z) = sigma_x + exp(raw).
     # Why a floor: a Gaussian decoder's likelihood is unbounded (μ_x(z) lands on a training point, σ_x → 0 sends
     # the density to infinity; Mattei & Frellsen 2018), and VAEBM's Langevin moves x by σ_x·Δε_x, so a collapsed
     # σ_x freezes x given z. As a floor it should sit below the data's own noise scale: 25gaussians' modes have
     # std 0.08, so the default 0.1 is too high there (use ~0.02).
-    sigma_x: float = 0.1
-
-    def validate(self, prefix: str) -> None:
-        require(self.arch in ARCHS, f"{prefix}.arch", f"unknown VAE architecture {self.arch!r}", allowed=ARCHS)
-        require(self.latent_dim >= 1, f"{prefix}.latent_dim", f"must be >= 1, got {self.latent_dim}")
-        require(self.hidden >= 1, f"{prefix}.hidden", f"must be >= 1, got {self.hidden}")
-        require(self.layers >= 1, f"{prefix}.layers", f"must be >= 1, got {self.layers}")
-        require(self.activation in ACTIVATIONS, f"{prefix}.activation", f"unknown activation {self.activation!r}",
-                allowed=sorted(ACTIVATIONS))
-        lo, hi = math.exp(LOG_SIGMA_MIN), math.exp(LOG_SIGMA_MAX)
-        require(lo <= self.sigma_x < hi, f"{prefix}.sigma_x", f"must be in [{lo:.3g}, {hi:.3g}), got {self.sigma_x}")
+    sigma_x: float = knob(0.1, ge=math.exp(LOG_SIGMA_MIN), lt=math.exp(LOG_SIGMA_MAX),
+                          note=f"exp of the log σ clamp [{LOG_SIGMA_MIN:g}, {LOG_SIGMA_MAX:g}]")
 
     def check_shape(self, shape: tuple[int, ...], prefix: str) -> None:
         """The data-dependent rules (the data's shape is known only next to the config, not inside it)."""
@@ -121,8 +116,7 @@ class VAE(nn.Module):
     def __init__(self, shape: tuple[int, ...], cfg: VAEConfig | None = None):
         super().__init__()
         cfg = cfg or VAEConfig()
-        cfg.validate("vae")
-        cfg.check_shape(tuple(shape), "vae")
+        cfg.check_shape(tuple(shape), "vae")  # the config itself was validated at compose time
         self.shape, self.cfg = tuple(shape), cfg
         self.latent_shape = (cfg.latent_dim,)
         dim, latent = math.prod(self.shape), cfg.latent_dim
