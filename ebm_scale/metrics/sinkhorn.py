@@ -3,10 +3,10 @@
 Why not POT's solvers: at the regularisation this project uses (reg = 0.05 against squared distances up to
 ~100) POT 0.9's `sinkhorn_stabilized` / `sinkhorn_epsilon_scaling` return a near-empty plan (cost ≈ 1e-8)
 once n ≳ 1000 and NaN for far-apart clouds, plain `sinkhorn` underflows, and `sinkhorn_log` is correct but
-does a full exp of the n×m matrix per iteration (~100 s for 1000 iterations at n = 2000 on two cores). The
+does a full exp of the n×m matrix per iteration (slow: docs/performance.md). The
 solver below is the standard remedy (Schmitzer 2019): ε-scaling — anneal ε from the cost scale down to reg,
 warm-starting the dual potentials — with the scalings absorbed into the potentials, so the inner loop is two
-mat-vecs per iteration and nothing underflows. Why not even `ot.dist` for the cost: `import ot` takes ~9 s
+mat-vecs per iteration and nothing underflows. Why not even `ot.dist` for the cost: `import ot` takes seconds
 (it pulls in sklearn, networkx, scipy) in every training worker, for what is one torch.cdist here.
 tests/test_metrics.py checks cost and plan against `ot.dist` + `ot.sinkhorn2(method="sinkhorn_log")`.
 
