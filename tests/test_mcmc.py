@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from ebm_scale.metrics.chains import McmcEvalConfig, evaluate_chains
 from ebm_scale.metrics.mcmc import (
     autocorrelation, effective_sample_size, gelman_rubin, mcmc_summary, plot_autocorrelation, plot_rhat,
     plot_series, plot_traces,
@@ -87,6 +88,64 @@ def test_summary_holds_plain_floats_and_skips_lags_beyond_the_trace():
     assert all(type(v) is float for v in summary.values())
     assert summary["rhat_max"] >= summary["rhat_mean"] and summary["ess_min"] <= summary["ess_mean"]
     assert summary["autocorr_lag1"] == pytest.approx(0.5, abs=0.2)
+
+
+def test_ess_method_reaches_arviz():
+    """Each ESS estimator is arviz's, per dimension; on skewed, sticky draws the bulk (rank-normalised) and
+    mean estimators differ, so passing the method matters."""
+    x = ar1(0.8, 4, 200, 2, seed=3) ** 3
+    estimates = {}
+    for method in ("bulk", "mean", "tail"):
+        estimates[method] = effective_sample_size(x, method=method)
+        np.testing.assert_allclose(estimates[method], [arviz.ess(x[..., k], method=method) for k in range(2)], rtol=1e-10)
+    assert (np.abs(estimates["mean"] / estimates["bulk"] - 1) > 0.05).all()
+    np.testing.assert_allclose(effective_sample_size(x, burn_in=50), [arviz.ess(x[:, 50:, k]) for k in range(2)], rtol=1e-10)
+
+
+def hand_autocorrelation(x, lag):
+    """Mean over chains and dimensions of Σ_t (x_t − x̄)(x_{t+lag} − x̄) / Σ_t (x_t − x̄)², per chain."""
+    c = x - x.mean(axis=1, keepdims=True)
+    return float(((c[:, :-lag] * c[:, lag:]).sum(1) / (c * c).sum(1)).mean()) if lag else 1.0
+
+
+class FixedChains:
+    """A method whose long chains are given traces: chains that start 4 apart and meet after `burn_in` draws."""
+
+    def __init__(self, m=4, n=300, burn_in=100):
+        x = ar1(0.6, m, n, 2, seed=5)
+        x[:, :burn_in] += 4.0 * np.arange(m)[:, None, None]
+        self.traces, self.calls = torch.from_numpy(x).float(), []
+
+    def long_chains(self, chains, length, init_scale=1.0):
+        self.calls.append((chains, length, init_scale))
+        return {"data": self.traces}
+
+
+def test_evaluate_chains_summarises_the_draws_after_burn_in(tmp_path):
+    method, m, n, burn_in = FixedChains(), 4, 300, 100
+    cfg = McmcEvalConfig(chains=m, length=n, burn_in=burn_in, max_lag=20, when="every", init_scale=2.0)
+    metrics, paths = evaluate_chains(method, cfg, tmp_path, step=7, final=False, plots=False)
+    assert method.calls == [(m, n, 2.0)] and paths == []
+    kept = method.traces.double().numpy()[:, burn_in:]
+    rhat = np.array([arviz.rhat(kept[..., k], method="identity") for k in range(2)])
+    ess = np.array([arviz.ess(kept[..., k], method="bulk") for k in range(2)])
+    expected = {"rhat_mean": rhat.mean(), "rhat_max": rhat.max(), "rhat_converged": (rhat < 1.2).mean(),
+                "ess_mean": ess.mean(), "ess_min": ess.min(), "ess_per_draw": ess.mean() / (m * (n - burn_in)),
+                **{f"autocorr_lag{k}": hand_autocorrelation(kept, k) for k in (1, 10, 100)}}
+    assert set(metrics) == {f"eval/mcmc/data/{k}" for k in expected}
+    for key, value in expected.items():
+        assert metrics[f"eval/mcmc/data/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # After burn-in the chains have met (R̂ ≈ 1); with the start kept they have not.
+    everything = method.traces.double().numpy()
+    assert rhat.max() < 1.1 < min(arviz.rhat(everything[..., k], method="identity") for k in range(2))
+
+
+def test_evaluate_chains_runs_when_asked():
+    method, cfg = FixedChains(), McmcEvalConfig(chains=4, length=300, burn_in=100, when="final")
+    assert evaluate_chains(method, cfg, None, step=1, final=False) == ({}, []) and method.calls == []
+    assert evaluate_chains(method, cfg, None, step=2, final=True)[0] and len(method.calls) == 1
+    cfg.when = "never"
+    assert evaluate_chains(method, cfg, None, step=3, final=True) == ({}, []) and len(method.calls) == 1
 
 
 def _is_png(path):
