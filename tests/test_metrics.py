@@ -292,4 +292,14 @@ def test_evaluate_toy_without_densities_or_truth_or_plots(tmp_path):
                                               ("sinkhorn_iters", 0), ("grid_size", 2)])
 def test_eval_config_validation_names_the_key(field, value):
     with pytest.raises(ConfigError, match=f"eval.{field}"):
-        EvalConfig(**{field: value}).validate()
+        EvalConfig(**{field: value}).validate("eval")
+
+
+@pytest.mark.parametrize(("field", "value"), [("chains", 1), ("length", 1), ("burn_in", -1), ("burn_in", 1999),
+                                              ("max_lag", 0), ("max_dims", 0), ("init_scale", 0.0), ("when", "often")])
+def test_mcmc_eval_config_is_checked_as_part_of_eval(field, value):
+    from ebm_scale.metrics.chains import McmcEvalConfig
+
+    with pytest.raises(ConfigError) as err:  # burn_in 1999 > length − 2 = 1998: the cross-field rule
+        EvalConfig(mcmc=McmcEvalConfig(**{field: value})).validate("eval")
+    assert err.value.key == f"eval.mcmc.{field}"

@@ -11,33 +11,29 @@ from pathlib import Path
 
 import torch
 
-from ebm_scale.errors import require
+from ebm_scale.schema import Config, Rule, knob
 
 WHEN = ("final", "every", "never")
 
 
 @dataclass
-class McmcEvalConfig:
-    chains: int = 64     # m (paper 002: 64)
-    length: int = 2000   # transitions per chain (paper 002: 2000)
-    burn_in: int = 400   # dropped before R̂ / ESS / autocorrelation (paper 002: 400)
-    max_lag: int = 200   # autocorrelation curve length
-    max_dims: int = 64   # coordinates analysed (a fixed random subset beyond this: ESS on 3072-D traces takes minutes)
-    when: str = "final"  # final (last evaluation only: long chains are expensive) | every | never
+class McmcEvalConfig(Config):
+    chains: int = knob(64, ge=2, note="R̂ compares chains")  # m (paper 002: 64)
+    length: int = knob(2000, ge=2)  # transitions per chain (paper 002: 2000)
+    burn_in: int = knob(400, ge=0)  # dropped before R̂ / ESS / autocorrelation (paper 002: 400); <= length - 2
+    max_lag: int = knob(200, ge=1)  # autocorrelation curve length
+    # coordinates analysed (a fixed random subset beyond this: ESS on 3072-D traces takes minutes)
+    max_dims: int = knob(64, ge=1)
+    # final (last evaluation only: long chains are expensive) | every | never
+    when: str = knob("final", choices=WHEN, noun="setting")
     # Chains start from the method's own initial distribution with its noise scaled by this. R̂ assumes
     # over-dispersed starts (Gelman & Rubin 1992; paper 002 A.6): from a start that already matches the
     # target, chains that never leave their mode still give R̂ ≈ 1. 1 = the method's usual start.
-    init_scale: float = 1.0
+    init_scale: float = knob(1.0, gt=0)
 
-    def validate(self, prefix: str = "eval.mcmc") -> None:
-        require(self.chains >= 2, f"{prefix}.chains", f"R̂ needs >= 2 chains, got {self.chains}")
-        require(self.length >= 2, f"{prefix}.length", f"must be >= 2, got {self.length}")
-        require(0 <= self.burn_in <= self.length - 2, f"{prefix}.burn_in",
-                f"must be in [0, length - 2] = [0, {self.length - 2}], got {self.burn_in}")
-        require(self.max_lag >= 1, f"{prefix}.max_lag", f"must be >= 1, got {self.max_lag}")
-        require(self.max_dims >= 1, f"{prefix}.max_dims", f"must be >= 1, got {self.max_dims}")
-        require(self.init_scale > 0, f"{prefix}.init_scale", f"must be > 0, got {self.init_scale}")
-        require(self.when in WHEN, f"{prefix}.when", f"unknown setting {self.when!r}", allowed=WHEN)
+    def rules(self):
+        yield Rule("burn_in", self.burn_in <= self.length - 2,
+                   f"must be in [0, length - 2] = [0, {self.length - 2}], got {self.burn_in}")
 
 
 def evaluate_chains(method, cfg: McmcEvalConfig, out_dir: Path | str | None, step: int, final: bool,

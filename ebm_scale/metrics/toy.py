@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from ebm_scale.data import ToyData
-from ebm_scale.errors import require
 from ebm_scale.metrics.chains import McmcEvalConfig
 from ebm_scale.metrics.likelihood import (
     DensityGrid,
@@ -21,6 +20,7 @@ from ebm_scale.metrics.likelihood import (
     split_by_mode,
 )
 from ebm_scale.metrics.sinkhorn import SINKHORN_COSTS, sinkhorn_distance
+from ebm_scale.schema import Config, knob
 
 TRUE_DENSITY = "true"  # the name the dataset's exact density is reported and drawn under
 
@@ -34,23 +34,15 @@ _DENSITY_METRICS = {
 
 
 @dataclass
-class EvalConfig:
-    n_samples: int = 2000  # model samples for Sinkhorn and scatter plots (and test points Sinkhorn compares to)
-    sinkhorn_reg: float = 0.05
-    sinkhorn_cost: str = "sqeuclidean"
-    sinkhorn_iters: int = 1000  # iterations at the target reg; time grows as iters · n_samples²
-    grid_size: int = 200  # quadrature grid per axis
+class EvalConfig(Config):
+    # model samples for Sinkhorn and scatter plots (and test points Sinkhorn compares to)
+    n_samples: int = knob(2000, ge=1)
+    sinkhorn_reg: float = knob(0.05, gt=0)
+    sinkhorn_cost: str = knob("sqeuclidean", choices=tuple(SINKHORN_COSTS), noun="cost")
+    sinkhorn_iters: int = knob(1000, ge=1)  # iterations at the target reg; time grows as iters · n_samples²
+    grid_size: int = knob(200, ge=3)  # quadrature grid per axis
     plots: bool = True
     mcmc: McmcEvalConfig = field(default_factory=McmcEvalConfig)  # long-run chain diagnostics (MCMC methods)
-
-    def validate(self, prefix: str = "eval") -> None:
-        require(self.n_samples >= 1, f"{prefix}.n_samples", f"must be >= 1, got {self.n_samples}")
-        require(self.sinkhorn_reg > 0, f"{prefix}.sinkhorn_reg", f"must be > 0, got {self.sinkhorn_reg}")
-        require(self.sinkhorn_cost in SINKHORN_COSTS, f"{prefix}.sinkhorn_cost",
-                f"unknown cost {self.sinkhorn_cost!r}", list(SINKHORN_COSTS))
-        require(self.sinkhorn_iters >= 1, f"{prefix}.sinkhorn_iters", f"must be >= 1, got {self.sinkhorn_iters}")
-        require(self.grid_size >= 3, f"{prefix}.grid_size", f"must be >= 3, got {self.grid_size}")
-        self.mcmc.validate(f"{prefix}.mcmc")
 
 
 def evaluate_toy(
@@ -61,7 +53,6 @@ def evaluate_toy(
     `method` needs `sample(n)` and `log_density(x) -> {name: (n,) tensor}` (ebm_scale.methods.base.Method).
     The caller sets eval mode; samplers and densities may use autograd, so nothing here disables it.
     """
-    cfg.validate()
     device = getattr(method, "device", torch.device("cpu"))
     started = time.perf_counter()
     samples = method.sample(cfg.n_samples).detach()
