@@ -39,7 +39,7 @@ from ebm_scale.engine.loop import train
 
 LOG_EVERY = 25
 OVERRIDES = [  # a small mle setup (what the quick start trains): the engine's share is largest on small nets
-    "method.net.hidden=128", "method.net.layers=3", "method.sampler.kind=langevin",
+    "method.energy.hidden=128", "method.energy.layers=3", "method.sampler.kind=langevin",
     "method.sampler.steps=20", "method.sampler.step_size=0.1", "method.sampler.noise_scale=0.01",
     "train.batch_size=256", f"train.log_every={LOG_EVERY}", "eval.n_samples=200", "eval.grid_size=40",
     "eval.plots=false",
@@ -51,9 +51,9 @@ class BareLoop:
 
     def __init__(self, cfg):
         torch.manual_seed(1)
-        h, self.knobs, self.batch_size = cfg.method.net.hidden, cfg.method.sampler, cfg.train.batch_size
+        h, self.knobs, self.batch_size = cfg.method.energy.hidden, cfg.method.sampler, cfg.train.batch_size
         layers = [nn.Linear(2, h), nn.SiLU()]
-        for _ in range(cfg.method.net.layers - 2):
+        for _ in range(cfg.method.energy.layers - 2):
             layers += [nn.Linear(h, h), nn.SiLU()]
         self.net = nn.Sequential(*layers, nn.Linear(h, 1))
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.method.optim.lr)

@@ -21,7 +21,7 @@ import functools
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ebm_scale.errors import ConfigError
 
@@ -95,15 +95,18 @@ class Rule:
 
 
 class Config:
-    """Base of every config dataclass: `validate(prefix)` checks the declared constraints, then `rules()`."""
+    """Base of every config dataclass: `validate(prefix)` checks the declared constraints, then `rules()`.
+    PREFIX is where the section sits in the full config (e.g. "method"), the default for `validate()`."""
+
+    PREFIX: ClassVar[str] = ""
 
     def rules(self) -> Iterator[Rule | Config]:
         """Rules no single field can state. Yield Rule(...) verdicts, or another Config to validate at this
         prefix (a view of this config, e.g. the MLP part of an energy-network config)."""
         return iter(())
 
-    def validate(self, prefix: str = "") -> None:
-        validate(self, prefix)
+    def validate(self, prefix: str | None = None) -> None:
+        validate(self, self.PREFIX if prefix is None else prefix)
 
 
 def _join(prefix: str, name: str) -> str:

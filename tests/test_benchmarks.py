@@ -15,7 +15,7 @@ from train_curve import train_in_process  # noqa: E402
 
 SMALL_EVAL = ["train.batch_size=32", "eval.n_samples=64", "eval.grid_size=40", "eval.plots=false",
               "eval.mcmc.when=never"]
-SMALL_NETS = {"ddaebm_toy": ["method.net.hidden=16"],
+SMALL_NETS = {"ddaebm_toy": ["method.energy.hidden=16", "method.generator.hidden=16", "method.encoder.hidden=16"],
               "diffebm_toy": ["method.energy.hidden=16", "method.control.hidden=16", "method.sde.steps=10"]}
 
 

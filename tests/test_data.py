@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from ebm_scale.config import compose
 from ebm_scale.data import DATASETS, DataConfig, load_dataset
 from ebm_scale.data.toy import TOY_DATASETS
 from ebm_scale.errors import ConfigError
@@ -101,8 +102,8 @@ def test_unknown_dataset_names_the_key_and_the_choices():
     with pytest.raises(ConfigError) as err:
         DataConfig(name="nope").validate()
     assert "data.name" in str(err.value) and "8gaussians" in str(err.value)
-    with pytest.raises(ConfigError, match="data.name"):
-        load_dataset(DataConfig(name="nope"), seed=0)
+    with pytest.raises(ConfigError, match="data.name"):  # checked when composed, before anything loads
+        compose(None, ["data.name=nope"])
 
 
 @pytest.mark.parametrize("field", ["n_train", "n_test"])

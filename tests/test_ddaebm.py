@@ -12,8 +12,10 @@ from method_checks import assert_continues_exactly, params, with_overrides
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
 
-def small_config(**overrides) -> DdaebmConfig:
-    cfg = DdaebmConfig(net=DiffusionNetConfig(hidden=16, layers=3, embed_dim=8),
+def small_config(nets: DiffusionNetConfig | None = None, **overrides) -> DdaebmConfig:
+    """`nets`: one architecture for the energy, generator and encoder alike."""
+    nets = nets or DiffusionNetConfig(hidden=16, layers=3, embed_dim=8)
+    cfg = DdaebmConfig(energy=nets, generator=nets, encoder=nets,
                        diffusion=DiffusionChainConfig(steps=3, beta_min=0.1, beta_max=20.0))
     return with_overrides(cfg, overrides)
 
@@ -141,8 +143,8 @@ def test_data_start_pool_is_a_uniform_reservoir_of_every_point_seen():
 
 def test_images_through_the_unet_nets():
     torch.manual_seed(0)
-    cfg = small_config(net=DiffusionNetConfig(arch="unet", channels=8, channel_mults=(1, 2), embed_dim=8,
-                                              activation="swish"))
+    cfg = small_config(nets=DiffusionNetConfig(arch="unet", channels=8, channel_mults=(1, 2), embed_dim=8,
+                                               activation="swish"))
     method = build_method(cfg, DataSpec(shape=(1, 8, 8), kind="image"), "cpu")
     out = method.train_step(torch.randn(4, 1, 8, 8))
     assert all(torch.isfinite(v) for v in out.values())
@@ -164,5 +166,5 @@ def test_config_errors_name_the_key():
         small_config(ema_decay=1.0).validate()
     with pytest.raises(ConfigError, match="method.gradient_penalty_at_data"):
         small_config(gradient_penalty_at_data=-1.0).validate()
-    with pytest.raises(ConfigError, match="method.net.arch"):
-        build_method(small_config(net=DiffusionNetConfig(arch="unet")), SPEC, "cpu")
+    with pytest.raises(ConfigError, match="method.energy.arch"):
+        build_method(small_config(nets=DiffusionNetConfig(arch="unet")), SPEC, "cpu")

@@ -17,7 +17,7 @@ METRIC_KEYS = {"loss", "loss/ml", "energy/pos", "energy/neg", "energy_gap", "cha
 
 
 def small_config(kind="euler", steps=10, generator_weight=0.0, init="noise", **sampler):
-    return MleConfig(net=MLPConfig(hidden=32, layers=3),
+    return MleConfig(energy=MLPConfig(hidden=32, layers=3),
                      sampler=MleSamplerConfig(kind=kind, steps=steps, init=init, **sampler),
                      loss=MleLossConfig(generator_weight=generator_weight))
 
@@ -83,7 +83,7 @@ def test_sample_steps_override_only_changes_evaluation():
     sampled = method.sample(8)
     torch.manual_seed(1)
     expected = sample_euler(method.energy, torch.randn(8, 2), steps=3, step_size=cfg.sampler.step_size)
-    assert torch.equal(sampled, expected) and method.knobs["steps"] == 10
+    assert torch.equal(sampled, expected) and method.sampler.keywords["steps"] == 10
 
 
 def _gradients_after_step(generator_weight):
@@ -158,7 +158,7 @@ def test_state_dict_round_trip_reproduces_next_step(init):
 
 def test_short_training_moves_samples_onto_the_modes():
     torch.manual_seed(0)
-    cfg = MleConfig(net=MLPConfig(hidden=64, layers=3), sampler=MleSamplerConfig(kind="euler", steps=20, step_size=0.1),
+    cfg = MleConfig(energy=MLPConfig(hidden=64, layers=3), sampler=MleSamplerConfig(kind="euler", steps=20, step_size=0.1),
                     optim=OptimConfig(lr=2e-3))
     method = build_method(cfg, SPEC, "cpu")
     modes = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
@@ -182,7 +182,7 @@ def test_short_training_moves_samples_onto_the_modes():
     ("sampler", "horizon", 0.0), ("sampler", "rtol", 0.0), ("sampler", "kind", "hmc"), ("sampler", "init", "pcd"),
     ("sampler", "solver", "rk4"), ("sampler", "buffer_reinit_prob", 1.5), ("sampler", "buffer_size", 0),
     ("sampler", "sample_steps", 0), ("loss", "generator_weight", -1.0), ("loss", "energy_reg", -0.5),
-    ("net", "activation", "nope"), ("optim", "lr", 0.0),
+    ("energy", "activation", "nope"), ("optim", "lr", 0.0),
 ])
 def test_validation_names_the_full_key(section, field, value):
     cfg = MleConfig()

@@ -12,7 +12,7 @@ from ebm_scale.engine.sweep import run_sweep
 from ebm_scale.engine.tracking import KIND_TAG, OUTCOME_TAG, TRIAL_TAG
 
 TINY = [  # small enough that a trial trains in a second or two
-    "method.net.hidden=32", "method.net.layers=3", "method.sampler.steps=5", "method.sampler.kind=euler",
+    "method.energy.hidden=32", "method.energy.layers=3", "method.sampler.steps=5", "method.sampler.kind=euler",
     "train.batch_size=64", "train.log_every=5", "eval.n_samples=200", "eval.grid_size=40",
 ]
 
@@ -213,7 +213,8 @@ def test_cli_rejects_a_backbone_of_the_wrong_kind_before_any_trial(capsys, tmp_p
 
 
 @pytest.mark.parametrize("sweep,tiny", [
-    ("ddaebm_toy", ["method.net.hidden=16", "method.diffusion.steps=2"]),
+    ("ddaebm_toy", ["method.energy.hidden=16", "method.generator.hidden=16", "method.encoder.hidden=16",
+                    "method.diffusion.steps=2"]),
     ("diffebm_toy", ["method.energy.hidden=16", "method.control.hidden=16", "method.sde.steps=4",
                      "method.sde.sample_steps=4"]),
 ])

@@ -13,20 +13,22 @@ import torch
 from torch import Tensor
 
 from ebm_scale.data.toy import TOY_DATASETS, ToyDistribution
-from ebm_scale.errors import require
-from ebm_scale.methods.base import DataSpec
+from ebm_scale.data.spec import DataSpec
+from ebm_scale.schema import Config, knob
+
+
+# name → loader of (DataConfig, seed); filled below. DataConfig.name's choices are this registry itself, so a
+# dataset registered later is a valid name too.
+DATASETS: dict[str, Callable[[DataConfig, int], ToyData]] = {}
 
 
 @dataclass
-class DataConfig:
-    name: str = "8gaussians"
-    n_train: int = 50_000
-    n_test: int = 10_000
+class DataConfig(Config):
+    PREFIX = "data"
 
-    def validate(self, prefix: str = "data") -> None:
-        require(self.name in DATASETS, f"{prefix}.name", f"unknown dataset {self.name!r}", sorted(DATASETS))
-        require(self.n_train >= 1, f"{prefix}.n_train", f"must be >= 1, got {self.n_train}")
-        require(self.n_test >= 1, f"{prefix}.n_test", f"must be >= 1, got {self.n_test}")
+    name: str = knob("8gaussians", choices=DATASETS, noun="dataset")
+    n_train: int = knob(50_000, ge=1)
+    n_test: int = knob(10_000, ge=1)
 
 
 @dataclass
@@ -69,13 +71,12 @@ def _toy_loader(dist: ToyDistribution) -> Callable[[DataConfig, int], ToyData]:
     return load
 
 
-DATASETS: dict[str, Callable[[DataConfig, int], ToyData]] = {name: _toy_loader(d) for name, d in TOY_DATASETS.items()}
+DATASETS.update({name: _toy_loader(d) for name, d in TOY_DATASETS.items()})
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> ToyData:
     """Seeded train/test splits of the configured dataset (same seed → identical tensors)."""
-    cfg.validate()
     return DATASETS[cfg.name](cfg, seed)
 
 
-__all__ = ["DATASETS", "TOY_DATASETS", "DataConfig", "ToyData", "ToyDistribution", "load_dataset", "split_generators"]
+__all__ = ["DATASETS", "DataSpec", "TOY_DATASETS", "DataConfig", "ToyData", "ToyDistribution", "load_dataset", "split_generators"]

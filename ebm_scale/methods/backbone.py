@@ -20,24 +20,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebm_scale.errors import ConfigError, require
+from ebm_scale.errors import ConfigError
+from ebm_scale.schema import Config, knob
 
 FILE_NAME = "backbone.pt"
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Config):
     """Stage 1, when a two-stage method is given no backbone: trained once by the engine (its own MLflow
     run), then shared by every trial."""
 
-    iterations: int = 3000
-    lr: float = 1e-3
-    batch_size: int = 0  # 0 = train.batch_size
-
-    def validate(self, prefix: str) -> None:
-        require(self.iterations >= 1, f"{prefix}.iterations", f"must be >= 1, got {self.iterations}")
-        require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
-        require(self.batch_size >= 0, f"{prefix}.batch_size", f"must be >= 0 (0 = train.batch_size), got {self.batch_size}")
+    iterations: int = knob(3000, ge=1)
+    lr: float = knob(1e-3, gt=0)
+    batch_size: int = knob(0, ge=0, note="0 = train.batch_size")
 
 
 def _kinds() -> dict[str, tuple[type, type]]:

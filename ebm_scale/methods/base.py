@@ -14,60 +14,36 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ebm_scale.errors import require
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a method needs to know about the data: one example's shape and, for 2D toys, the plotting /
-    quadrature box [low, high]^2."""
-
-    shape: tuple[int, ...]
-    kind: str = "toy2d"
-    bounds: tuple[float, float] | None = None
-
-    @property
-    def dim(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+from ebm_scale.data.spec import DataSpec
+from ebm_scale.schema import Config, Rule, knob
 
 
 OPTIMIZERS = ("adam", "prodigy")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Config):
     """Optimizer settings shared by every method's optimizers."""
 
     # adam | prodigy (Mishchenko & Defazio's learning-rate-free Adam, paper 004's choice). Prodigy estimates
     # the step size itself; its lr is a multiplier on that estimate, and its authors recommend lr = 1.
-    kind: str = "adam"
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    kind: str = knob("adam", choices=OPTIMIZERS, noun="optimizer")
+    lr: float = knob(1e-3, gt=0)
+    betas: tuple[float, float] = knob((0.9, 0.999), ge=0, lt=1)
+    weight_decay: float = knob(0.0, ge=0)
+    grad_clip: float = knob(0.0, ge=0, note="0 = off")  # max global grad norm
     # IGEBM-style (Du & Mordatch 2019, kept by VAEBM's public code): clip every gradient element to
     # ±(k·sqrt(v̂) + 0.1), v̂ = Adam's bias-corrected second moment, so one wild batch cannot move a weight
     # by more than k "typical" steps. 0 = off.
-    clip_elementwise_std: float = 0.0
+    clip_elementwise_std: float = knob(0.0, ge=0, note="0 = off")
     # Exponential learning-rate decay: lr halves every `lr_halflife` optimizer steps; 0 = constant. Lets an
     # adversarial pair that oscillates at a useful early lr settle later. Lives in the optimizer's
     # param_groups, so a checkpoint carries it and a resumed run continues the same schedule.
-    lr_halflife: int = 0
+    lr_halflife: int = knob(0, ge=0, note="0 = off")
 
-    def validate(self, prefix: str) -> None:
-        require(self.kind in OPTIMIZERS, f"{prefix}.kind", f"unknown optimizer {self.kind!r}", OPTIMIZERS)
-        require(self.kind == "adam" or self.clip_elementwise_std == 0, f"{prefix}.clip_elementwise_std",
-                "elementwise clipping reads Adam's second moment: use it with kind=adam only")
-        require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
-        require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", f"each must be in [0, 1), got {self.betas}")
-        require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
-        require(self.clip_elementwise_std >= 0, f"{prefix}.clip_elementwise_std",
-                f"must be >= 0 (0 = off), got {self.clip_elementwise_std}")
-        require(self.lr_halflife >= 0, f"{prefix}.lr_halflife", f"must be >= 0 (0 = off), got {self.lr_halflife}")
+    def rules(self):
+        yield Rule("clip_elementwise_std", self.kind == "adam" or self.clip_elementwise_std == 0,
+                   "elementwise clipping reads Adam's second moment: use it with kind=adam only")
 
     def build(self, params) -> torch.optim.Optimizer:
         if self.kind == "prodigy":
@@ -80,8 +56,8 @@ class OptimConfig:
 class Method(abc.ABC):
     """Base class of every registered method.
 
-    Subclasses set `config_class` (a dataclass with a `validate()` method, registered with Hydra by
-    ebm_scale.config) and fill `self.networks` / `self.optimizers` in __init__; checkpointing and
+    Subclasses set `config_class` (a dataclass deriving from ebm_scale.schema.Config, registered with Hydra
+    by ebm_scale.config and validated once when the config is composed) and fill `self.networks` / `self.optimizers` in __init__; checkpointing and
     gradient synchronisation then come for free.
     """
 
@@ -93,8 +69,16 @@ class Method(abc.ABC):
     # Train metrics worth a picture over training (drawn at every evaluation), e.g. MCMC acceptance rate.
     curve_keys: ClassVar[tuple[str, ...]] = ()
     # Network evaluations per generated sample, where the method has a fixed number (diffusion samplers:
-    # T generator steps, or the SDE's steps); logged as eval/nfe. None = not a fixed number.
+    # T generator steps, or the SDE's steps); logged as eval/nfe. None = not a fixed number. A method may
+    # override it with a property computed from its config.
     nfe: int | None = None
+
+    @classmethod
+    def backbone_method_config(cls, cfg: Any) -> Any:
+        """Two-stage methods: the config of the stage-1 method (`vae` / `flow`) that trains this method's
+        backbone, built from its `pretrain` and architecture sections. The engine calls it only when
+        `backbone_kind` is set."""
+        raise NotImplementedError(f"{cls.__name__} has no backbone (backbone_kind is None)")
 
     def __init__(self, cfg: Any, spec: DataSpec, device: torch.device):
         self.cfg = cfg

@@ -21,6 +21,7 @@ import torch
 
 from ebm_scale.diffusion import TIME_SCHEDULES, DiscreteVPSchedule, gaussian_log_prob
 from ebm_scale.errors import require
+from ebm_scale.schema import Config, Rule, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_encoder, build_generator, build_time_energy
@@ -30,81 +31,61 @@ TERMINAL_STARTS = ("auto", "gaussian", "data")
 
 
 @dataclass
-class DiffusionChainConfig:
-    steps: int = 4                      # T (paper: 4; T = 1 is the unstable ablation)
-    beta_min: float = 0.1
+class DiffusionChainConfig(Config):
+    steps: int = knob(4, ge=1)          # T (paper: 4; T = 1 is the unstable ablation)
+    beta_min: float = knob(0.1, gt=0)
     beta_max: float = 20.0              # paper: (0.1, 20) for images, (0.1, 10) MNIST
-    time_schedule: str = "equidistant"  # equidistant | drl
+    time_schedule: str = knob("equidistant", choices=TIME_SCHEDULES, noun="time schedule")
     # Where sampling starts. q(x_T) is only ≈ N(0, I) when the β range is wide enough for the data's scale
     # (docs/methods/ddaebm.md). auto: N(0, I) if the measured bound on KL(q(x_T) ‖ N(0, I)) is below `terminal_kl_tol`
     # nats, else the true marginal, √ᾱ_T·x_0 + √(1 − ᾱ_T)·ε with x_0 from a pool of seen training points.
-    terminal: str = "auto"
-    terminal_kl_tol: float = 0.05
-    terminal_pool: int = 4096           # training points kept for the `data` start
+    terminal: str = knob("auto", choices=TERMINAL_STARTS, noun="start")
+    terminal_kl_tol: float = knob(0.05, gt=0)
+    terminal_pool: int = knob(4096, ge=1)  # training points kept for the `data` start
 
-    def validate(self, prefix: str) -> None:
-        require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
-        require(self.beta_min > 0, f"{prefix}.beta_min", f"must be > 0, got {self.beta_min}")
-        require(self.beta_max >= self.beta_min, f"{prefix}.beta_max",
-                f"must be >= beta_min ({self.beta_min}), got {self.beta_max}")
-        require(self.time_schedule in TIME_SCHEDULES, f"{prefix}.time_schedule",
-                f"unknown time schedule {self.time_schedule!r}", TIME_SCHEDULES)
-        require(self.time_schedule != "drl" or 2 <= self.steps <= 500, f"{prefix}.steps",
-                f"the drl time schedule needs 2 <= steps <= 500, got {self.steps}")
-        require(self.terminal in TERMINAL_STARTS, f"{prefix}.terminal", f"unknown start {self.terminal!r}",
-                TERMINAL_STARTS)
-        require(self.terminal_kl_tol > 0, f"{prefix}.terminal_kl_tol", f"must be > 0, got {self.terminal_kl_tol}")
-        require(self.terminal_pool >= 1, f"{prefix}.terminal_pool", f"must be >= 1, got {self.terminal_pool}")
+    def rules(self):
+        yield Rule("beta_max", self.beta_max >= self.beta_min, f"must be >= beta_min ({self.beta_min}), got {self.beta_max}")
+        yield Rule("steps", self.time_schedule != "drl" or 2 <= self.steps <= 500,
+                   f"the drl time schedule needs 2 <= steps <= 500, got {self.steps}")
 
     def build(self, device) -> DiscreteVPSchedule:
         return DiscreteVPSchedule(self.steps, self.beta_min, self.beta_max, self.time_schedule, device)
 
 
 @dataclass
-class DdaebmConfig:
-    name: str = "ddaebm"
+class DdaebmConfig(Config):
+    PREFIX = "method"
+
+    name: str = knob("ddaebm", choices=("ddaebm",), noun="method")
     diffusion: DiffusionChainConfig = field(default_factory=DiffusionChainConfig)
-    net: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)  # energy, generator and encoder
-    latent_dim: int = 2                 # d of z; 0 = the "no latent z" ablation (deterministic G)
-    gradient_penalty: float = 0.02      # γ (public code's value)
+    energy: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)     # E(x, t)
+    generator: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)  # G(x_t, z, t)
+    encoder: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)    # q(z | x_{t−1}, x_t, t)
+    latent_dim: int = knob(2, ge=0)     # d of z; 0 = the "no latent z" ablation (deterministic G)
+    gradient_penalty: float = knob(0.02, ge=0)  # γ (public code's value)
     # γ's multiplier on the pairs with t = 1, whose x_{t−1} is clean data: the energy there is the density.
     # A gradient penalty on data favours flat energies, so it broadens every peak narrower than ~√γ.
-    gradient_penalty_at_data: float = 1.0
-    fake_weight: float = 1.0            # weight of the generated term in the energy loss (paper's NICE run: 0.1)
-    reverse_kl_weight: float = 1.0      # weight of L2; 0 = the "KL only" ablation
+    gradient_penalty_at_data: float = knob(1.0, ge=0)
+    fake_weight: float = knob(1.0, ge=0)  # weight of the generated term in the energy loss (paper's NICE run: 0.1)
+    reverse_kl_weight: float = knob(1.0, ge=0)  # weight of L2; 0 = the "KL only" ablation
     encoder_term: bool = True           # −log q_ψ(z | …) in L1; false = the "no encoder term" ablation
-    w: float = 1.0                      # λ(t−1) = w·t'(t)^{log_½(w_mid/w)} (eq. 21)
-    w_mid: float = 1.0
+    w: float = knob(1.0, gt=0)          # λ(t−1) = w·t'(t)^{log_½(w_mid/w)} (eq. 21)
+    w_mid: float = knob(1.0, gt=0)
     # log q(x_{t−1} | x_t, x_0) in L2 uses max(β̃_t, floor): at t = 1 the posterior is a point mass (β̃_1 = 0).
     # The floor is then L2's reconstruction scale at t = 1 (its gradient ∝ 1/floor), not a numerical epsilon:
     # at 1e-4 it outweighs the adversarial L1 ~1e4×, G(·, ·, 1) turns into a plain regressor that never
     # visits the spurious minima of E(·, 0), and the density at t = 0 is left uncorrected there (2D toy:
     # mass piled in the box corners). Sampling stays deterministic at t = 1 whatever the floor, unless
     # sample_with_floor (below).
-    posterior_var_floor: float = 1e-2  # (2D toy: 1e-4 and 1e-3 piled the density in the corners, 1e-2 did not)
+    posterior_var_floor: float = knob(1e-2, gt=0)  # (2D toy: 1e-4 and 1e-3 piled the density in the corners, 1e-2 did not)
     # Generate x_{t−1} from that floored Gaussian too, so p_φ(x_{t−1} | x_t) is the model L2 scores. Without it,
     # at t = 1 x̃_0 = G(x_1, z) is deterministic: the joint (x̃_0, z) is degenerate, and L1's encoder term is then
     # no bound on the generator's entropy (eq. 16 drops H[p_φ(x_{t−1}, z | x_t)] as a constant, which it only is
     # with noise). On the 2D toy it did not improve the density (docs/results/ddaebm.md).
     sample_with_floor: bool = False
-    ema_decay: float = 0.999            # EMA of G (sampling) and E (density); 0 = off (paper: 0.9999 on CIFAR-10)
+    ema_decay: float = knob(0.999, ge=0, lt=1)  # EMA of G (sampling) and E (density); 0 = off (paper: 0.9999 on CIFAR-10)
     optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
     optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
-
-    def validate(self, prefix: str = "method") -> None:
-        require(self.name == "ddaebm", f"{prefix}.name", f"DdaebmConfig belongs to method 'ddaebm', got {self.name!r}")
-        self.diffusion.validate(f"{prefix}.diffusion")
-        self.net.validate(f"{prefix}.net")
-        require(self.latent_dim >= 0, f"{prefix}.latent_dim", f"must be >= 0, got {self.latent_dim}")
-        for key in ("gradient_penalty", "gradient_penalty_at_data", "fake_weight", "reverse_kl_weight"):
-            require(getattr(self, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
-        require(self.w > 0, f"{prefix}.w", f"must be > 0, got {self.w}")
-        require(self.w_mid > 0, f"{prefix}.w_mid", f"must be > 0, got {self.w_mid}")
-        require(self.posterior_var_floor > 0, f"{prefix}.posterior_var_floor",
-                f"must be > 0, got {self.posterior_var_floor}")
-        require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        self.optim_energy.validate(f"{prefix}.optim_energy")
-        self.optim_generator.validate(f"{prefix}.optim_generator")
 
 
 @register_method
@@ -114,14 +95,13 @@ class Ddaebm(Method):
 
     def __init__(self, cfg: DdaebmConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
-        cfg.validate()
         self.schedule = cfg.diffusion.build(self.device)
         shape, d = spec.shape, cfg.latent_dim
-        self.networks["energy"] = build_time_energy(shape, cfg.net, "method.net").to(self.device)
-        self.networks["generator"] = build_generator(shape, d, cfg.net, "method.net").to(self.device)
+        self.networks["energy"] = build_time_energy(shape, cfg.energy, "method.energy").to(self.device)
+        self.networks["generator"] = build_generator(shape, d, cfg.generator, "method.generator").to(self.device)
         generator_params = list(self.networks["generator"].parameters())
         if d > 0:  # without z the generator's distribution is a known Gaussian: no encoder needed
-            self.networks["encoder"] = build_encoder(shape, d, cfg.net, "method.net").to(self.device)
+            self.networks["encoder"] = build_encoder(shape, d, cfg.encoder, "method.encoder").to(self.device)
             generator_params += list(self.networks["encoder"].parameters())
         # EMA of G (sampling) and E (density): the adversarial game makes the energy's relative levels at
         # different modes oscillate from step to step; a density read off one step's energy inherits that.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ebm_scale.diffusion import VPSDE, denoising_score_matching, log_variance, path_log_rnd, running_cost, simulate_generative
-from ebm_scale.errors import require
+from ebm_scale.schema import Config, Rule, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_control
@@ -31,51 +31,35 @@ MAX_CONSECUTIVE_SKIPS = 50  # skipped iterations in a row before the run is repo
 
 
 @dataclass
-class DiffebmSdeConfig:
-    beta_min: float = 0.1               # paper: β(t) = β_min + t(β_max − β_min), (0.1, 10) for every problem
+class DiffebmSdeConfig(Config):
+    beta_min: float = knob(0.1, gt=0)   # paper: β(t) = β_min + t(β_max − β_min), (0.1, 10) for every problem
     beta_max: float = 10.0
-    steps: int = 100                    # Euler–Maruyama steps of the training paths
-    sample_steps: int | None = None     # steps of sample(n) (its NFE); None = steps
-    t_min: float = 1e-3                 # DSM draws t ~ U(t_min, 1): the data score is singular at t = 0
+    steps: int = knob(100, ge=1)        # Euler–Maruyama steps of the training paths
+    sample_steps: int | None = knob(None, ge=1, note="or null = steps")  # steps of sample(n) (its NFE)
+    t_min: float = knob(1e-3, gt=0, lt=1)  # DSM draws t ~ U(t_min, 1): the data score is singular at t = 0
 
-    def validate(self, prefix: str) -> None:
-        require(self.beta_min > 0, f"{prefix}.beta_min", f"must be > 0, got {self.beta_min}")
-        require(self.beta_max >= self.beta_min, f"{prefix}.beta_max",
-                f"must be >= beta_min ({self.beta_min}), got {self.beta_max}")
-        require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
-        require(self.sample_steps is None or self.sample_steps >= 1, f"{prefix}.sample_steps",
-                f"must be >= 1 or null (= steps), got {self.sample_steps}")
-        require(0 < self.t_min < 1, f"{prefix}.t_min", f"must be in (0, 1), got {self.t_min}")
+    def rules(self):
+        yield Rule("beta_max", self.beta_max >= self.beta_min, f"must be >= beta_min ({self.beta_min}), got {self.beta_max}")
 
 
 @dataclass
-class DiffebmConfig:
-    name: str = "diffebm"
+class DiffebmConfig(Config):
+    PREFIX = "method"
+
+    name: str = knob("diffebm", choices=("diffebm",), noun="method")
     sde: DiffebmSdeConfig = field(default_factory=DiffebmSdeConfig)
     # Paper: "three 1×1-conv layers with SiLU" applied per point = a 3-layer MLP.
     energy: MLPConfig = field(default_factory=lambda: MLPConfig(hidden=128, layers=3, activation="silu"))
     # Paper: a Fourier-feature MLP (Zhang & Chen's PIS) — random Fourier features of t, an MLP on (x, t).
     control: DiffusionNetConfig = field(default_factory=lambda: DiffusionNetConfig(
         hidden=128, layers=3, activation="silu", embedding="fourier", embed_dim=64))
-    eta: float = 0.5                    # control: (1 − η)·DSM + η·log-variance
-    alpha: float = 0.5                  # energy: (1 − α)·MLE + α·log-variance
+    eta: float = knob(0.5, ge=0, le=1)  # control: (1 − η)·DSM + η·log-variance
+    alpha: float = knob(0.5, ge=0, le=1)  # energy: (1 − α)·MLE + α·log-variance
     # EMA of the control (used by sample()) and of the energy (used by log_density()); training paths use the
     # live control, which is what the log-variance loss is about. 0 = off (paper 004 does not say).
-    ema_decay: float = 0.0
+    ema_decay: float = knob(0.0, ge=0, lt=1)
     optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     optim_control: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
-
-    def validate(self, prefix: str = "method") -> None:
-        require(self.name == "diffebm", f"{prefix}.name",
-                f"DiffebmConfig belongs to method 'diffebm', got {self.name!r}")
-        self.sde.validate(f"{prefix}.sde")
-        self.energy.validate(f"{prefix}.energy")
-        self.control.validate(f"{prefix}.control")
-        require(0 <= self.eta <= 1, f"{prefix}.eta", f"must be in [0, 1], got {self.eta}")
-        require(0 <= self.alpha <= 1, f"{prefix}.alpha", f"must be in [0, 1], got {self.alpha}")
-        require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        self.optim_energy.validate(f"{prefix}.optim_energy")
-        self.optim_control.validate(f"{prefix}.optim_control")
 
 
 @register_method
@@ -85,7 +69,6 @@ class Diffebm(Method):
 
     def __init__(self, cfg: DiffebmConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
-        cfg.validate()
         self.sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max)
         self.networks["energy"] = EnergyMLP(spec.dim, cfg.energy).to(self.device)
         self.networks["control"] = build_control(spec.shape, cfg.control, "method.control").to(self.device)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.errors import require
+from ebm_scale.schema import Config, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import backbone_state
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
@@ -14,15 +14,12 @@ from ebm_scale.nets.flow import Flow, FlowConfig
 
 
 @dataclass
-class FlowMethodConfig:
-    name: str = "flow"
+class FlowMethodConfig(Config):
+    PREFIX = "method"
+
+    name: str = knob("flow", choices=("flow",), noun="method")
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
-
-    def validate(self, prefix: str = "method") -> None:
-        require(self.name == "flow", f"{prefix}.name", f"FlowMethodConfig belongs to method 'flow', got {self.name!r}")
-        self.flow.validate(f"{prefix}.flow")
-        self.optim.validate(f"{prefix}.optim")
 
 
 @register_method
@@ -32,7 +29,6 @@ class FlowMethod(Method):
 
     def __init__(self, cfg: FlowMethodConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
-        cfg.validate()
         self.networks["flow"] = Flow(spec.shape, cfg.flow).to(self.device)
         self.optimizers["flow"] = cfg.optim.build(self.networks["flow"].parameters())
         self.initialized = False

@@ -9,15 +9,18 @@ self-adversarial generator loss (eq. 12): it differentiates through the sampler 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 from torch.func import functional_call
 
-from ebm_scale.errors import require
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
-from ebm_scale.samplers import CHAIN_INITS, ODE_SOLVERS, SAMPLERS, ChainEnds, mean_grad_norm, ode_log_density, sampler_knobs
+from ebm_scale.samplers import (CHAIN_INITS, ODE_SOLVERS, ChainEnds, mean_grad_norm, ode_log_density, sample_euler,
+                                sample_langevin, sample_ode)
+from ebm_scale.schema import Config, knob
 
 
 # Short-run dynamics the generator loss can differentiate through (HMC's accept/reject cannot be).
@@ -25,63 +28,46 @@ MLE_SAMPLERS = ("langevin", "euler", "ode")
 
 
 @dataclass
-class MleSamplerConfig:
-    kind: str = "langevin"        # langevin | euler (= langevin with noise 0) | ode
-    step_size: float = 0.1        # η
-    steps: int = 40               # K
-    noise_scale: float = 0.1      # σ (ignored by euler/ode)
-    horizon: float = 0.2          # ODE T
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    solver: str = "dopri5"
-    init: str = "noise"           # noise | buffer | data
-    buffer_size: int = 10000
-    buffer_reinit_prob: float = 0.05
-    sample_steps: int | None = None   # steps used by sample(n) at evaluation; None = same as training
+class MleSamplerConfig(Config):
+    kind: str = knob("langevin", choices=MLE_SAMPLERS, noun="sampler")  # euler = langevin with noise 0
+    step_size: float = knob(0.1, gt=0)          # η
+    steps: int = knob(40, ge=1)                 # K
+    noise_scale: float = knob(0.1, ge=0)        # σ (langevin only)
+    horizon: float = knob(0.2, gt=0)            # ODE T
+    rtol: float = knob(1e-5, gt=0)
+    atol: float = knob(1e-5, gt=0)
+    solver: str = knob("dopri5", choices=ODE_SOLVERS, noun="adaptive ODE solver")
+    init: str = knob("noise", choices=CHAIN_INITS, noun="chain init")
+    buffer_size: int = knob(10000, ge=1)
+    buffer_reinit_prob: float = knob(0.05, ge=0, le=1)
+    sample_steps: int | None = knob(None, ge=1, note="or null = steps")  # sample(n) at evaluation
 
-    def validate(self, prefix: str) -> None:
-        require(self.kind in MLE_SAMPLERS, f"{prefix}.kind", f"unknown sampler {self.kind!r}", allowed=MLE_SAMPLERS)
-        require(self.step_size > 0, f"{prefix}.step_size", f"must be > 0, got {self.step_size}")
-        require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
-        require(self.noise_scale >= 0, f"{prefix}.noise_scale", f"must be >= 0, got {self.noise_scale}")
-        require(self.horizon > 0, f"{prefix}.horizon", f"must be > 0, got {self.horizon}")
-        require(self.rtol > 0, f"{prefix}.rtol", f"must be > 0, got {self.rtol}")
-        require(self.atol > 0, f"{prefix}.atol", f"must be > 0, got {self.atol}")
-        require(self.solver in ODE_SOLVERS, f"{prefix}.solver", f"unknown adaptive ODE solver {self.solver!r}",
-                allowed=ODE_SOLVERS)
-        require(self.init in CHAIN_INITS, f"{prefix}.init", f"unknown chain init {self.init!r}",
-                allowed=sorted(CHAIN_INITS))
-        require(self.buffer_size >= 1, f"{prefix}.buffer_size", f"must be >= 1, got {self.buffer_size}")
-        require(0 <= self.buffer_reinit_prob <= 1, f"{prefix}.buffer_reinit_prob",
-                f"must be in [0, 1], got {self.buffer_reinit_prob}")
-        require(self.sample_steps is None or self.sample_steps >= 1, f"{prefix}.sample_steps",
-                f"must be >= 1 or null (= steps), got {self.sample_steps}")
+    def build(self, *, sampling: bool = False) -> Callable:
+        """The configured sampler with its knobs bound (k-diffusion style: each sampler's knobs named
+        explicitly); `sampling` = the evaluation chain, with `sample_steps`."""
+        steps = self.sample_steps if sampling and self.sample_steps is not None else self.steps
+        if self.kind == "langevin":
+            return partial(sample_langevin, steps=steps, step_size=self.step_size, noise_scale=self.noise_scale)
+        if self.kind == "euler":
+            return partial(sample_euler, steps=steps, step_size=self.step_size)
+        return partial(sample_ode, horizon=self.horizon, rtol=self.rtol, atol=self.atol, solver=self.solver)
 
 
 @dataclass
-class MleLossConfig:
-    generator_weight: float = 0.0    # λ_gen of paper eq. 12 (paper: 1 when used)
-    energy_reg: float = 0.0          # α·(E_pos² + E_neg²), Du & Mordatch
-
-    def validate(self, prefix: str) -> None:
-        require(self.generator_weight >= 0, f"{prefix}.generator_weight", f"must be >= 0, got {self.generator_weight}")
-        require(self.energy_reg >= 0, f"{prefix}.energy_reg", f"must be >= 0, got {self.energy_reg}")
+class MleLossConfig(Config):
+    generator_weight: float = knob(0.0, ge=0)   # λ_gen of paper eq. 12 (paper: 1 when used)
+    energy_reg: float = knob(0.0, ge=0)         # α·(E_pos² + E_neg²), Du & Mordatch
 
 
 @dataclass
-class MleConfig:
-    name: str = "mle"
-    net: MLPConfig = field(default_factory=MLPConfig)
+class MleConfig(Config):
+    PREFIX = "method"
+
+    name: str = knob("mle", choices=("mle",), noun="method")
+    energy: MLPConfig = field(default_factory=MLPConfig)
     sampler: MleSamplerConfig = field(default_factory=MleSamplerConfig)
     loss: MleLossConfig = field(default_factory=MleLossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
-
-    def validate(self, prefix: str = "method") -> None:
-        require(self.name == "mle", f"{prefix}.name", f"MleConfig belongs to method 'mle', got {self.name!r}")
-        self.net.validate(f"{prefix}.net")
-        self.sampler.validate(f"{prefix}.sampler")
-        self.loss.validate(f"{prefix}.loss")
-        self.optim.validate(f"{prefix}.optim")
 
 
 @register_method
@@ -91,18 +77,12 @@ class Mle(Method):
 
     def __init__(self, cfg: MleConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
-        cfg.validate()
-        energy = EnergyMLP(spec.dim, cfg.net).to(self.device)
+        energy = EnergyMLP(spec.dim, cfg.energy).to(self.device)
         self.networks["energy"] = energy
         self.optimizers["energy"] = cfg.optim.build(energy.parameters())
 
         s = cfg.sampler
-        self.sampler = SAMPLERS[s.kind]
-        # Knobs are filled from the config fields of the same name, so adding a sampler needs no code here.
-        self.knobs = {name: getattr(s, name) for name in sampler_knobs(self.sampler)}
-        self.sample_knobs = dict(self.knobs)
-        if s.sample_steps is not None and "steps" in self.sample_knobs:  # the ODE has a horizon, not steps
-            self.sample_knobs["steps"] = s.sample_steps
+        self.sampler, self.eval_sampler = s.build(), s.build(sampling=True)
         chain_options = {"buffer": {"capacity": s.buffer_size, "reinit_prob": s.buffer_reinit_prob}}
         self.chain_init = CHAIN_INITS[s.init](spec.shape, self.device, **chain_options.get(s.init, {}))
 
@@ -121,7 +101,7 @@ class Mle(Method):
 
         x0 = self.chain_init.init(n, x_pos)
         chain = ChainEnds()
-        x_chain = self.sampler(net, x0, **self.knobs, create_graph=with_generator, callback=chain)
+        x_chain = self.sampler(net, x0, create_graph=with_generator, callback=chain)
         x_neg = x_chain.detach()
         self.chain_init.update(x_neg)
 
@@ -164,7 +144,7 @@ class Mle(Method):
         """Fresh N(0, I) latents through the training dynamics (never the replay buffer: at evaluation the
         sampler is the generator)."""
         x0 = torch.randn(n, *self.spec.shape, device=self.device)
-        return self.sampler(self.energy, x0, **self.sample_knobs).detach()
+        return self.eval_sampler(self.energy, x0).detach()
 
     @torch.no_grad()
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebm_scale.errors import require
+from ebm_scale.schema import Config, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import PretrainConfig, load_backbone
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
@@ -31,47 +31,30 @@ OBJECTIVES = ("mle", "nce")
 
 
 @dataclass
-class NtEbmSamplerConfig:
-    space: str = "latent"        # latent (neural transport) | data (HMC on x: the paper's comparison)
-    steps: int = 20              # K HMC transitions per training iteration (paper: 20)
-    leapfrog_steps: int = 3      # L (paper: 3)
-    step_size: float = 0.15      # initial ε (paper: 0.15), adapted from there
-    target_accept: float = 0.651 # Beskos et al. 2013, as in the paper
+class NtEbmSamplerConfig(Config):
+    space: str = knob("latent", choices=SPACES, noun="chain space")  # latent (neural transport) | data (HMC on x: the paper's comparison)
+    steps: int = knob(20, ge=1)  # K HMC transitions per training iteration (paper: 20)
+    leapfrog_steps: int = knob(3, ge=1)  # L (paper: 3)
+    step_size: float = knob(0.15, gt=0)  # initial ε (paper: 0.15), adapted from there
+    target_accept: float = knob(0.651, gt=0, lt=1)  # Beskos et al. 2013, as in the paper
     adapt: bool = True
-    adapt_rate: float = 0.02     # ε ← ε·(1 + rate) when acceptance is above target, ε/(1 + rate) below
+    adapt_rate: float = knob(0.02, gt=0)  # ε ← ε·(1 + rate) when acceptance is above target, ε/(1 + rate) below
     persistent: bool = True      # chains continue across iterations (paper); False = fresh from q_α each time
-    sample_steps: int = 100      # transitions for sample(n), from fresh chains
-
-    def validate(self, prefix: str) -> None:
-        require(self.space in SPACES, f"{prefix}.space", f"unknown chain space {self.space!r}", allowed=SPACES)
-        require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
-        require(self.leapfrog_steps >= 1, f"{prefix}.leapfrog_steps", f"must be >= 1, got {self.leapfrog_steps}")
-        require(self.step_size > 0, f"{prefix}.step_size", f"must be > 0, got {self.step_size}")
-        require(0 < self.target_accept < 1, f"{prefix}.target_accept", f"must be in (0, 1), got {self.target_accept}")
-        require(self.adapt_rate > 0, f"{prefix}.adapt_rate", f"must be > 0, got {self.adapt_rate}")
-        require(self.sample_steps >= 1, f"{prefix}.sample_steps", f"must be >= 1, got {self.sample_steps}")
+    sample_steps: int = knob(100, ge=1)  # transitions for sample(n), from fresh chains
 
 
 @dataclass
-class NtEbmConfig:
-    name: str = "nt_ebm"
+class NtEbmConfig(Config):
+    PREFIX = "method"
+
+    name: str = knob("nt_ebm", choices=("nt_ebm",), noun="method")
     backbone: str = ""           # runs:/<run_id>/backbone | a path to backbone.pt (or its folder) | "" = pretrain
     flow: FlowConfig = field(default_factory=FlowConfig)       # used only when pretraining
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
     sampler: NtEbmSamplerConfig = field(default_factory=NtEbmSamplerConfig)
-    objective: str = "mle"       # mle (HMC negatives) | nce (flow samples as noise, learned bias)
+    objective: str = knob("mle", choices=OBJECTIVES, noun="objective")  # mle (HMC negatives) | nce (flow samples as noise, learned bias)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, betas=(0.99, 0.999)))  # paper A.4
-
-    def validate(self, prefix: str = "method") -> None:
-        require(self.name == "nt_ebm", f"{prefix}.name", f"NtEbmConfig belongs to method 'nt_ebm', got {self.name!r}")
-        self.flow.validate(f"{prefix}.flow")
-        self.pretrain.validate(f"{prefix}.pretrain")
-        self.energy.validate(f"{prefix}.energy")
-        self.sampler.validate(f"{prefix}.sampler")
-        require(self.objective in OBJECTIVES, f"{prefix}.objective", f"unknown objective {self.objective!r}",
-                allowed=OBJECTIVES)
-        self.optim.validate(f"{prefix}.optim")
 
 
 class NceBias(nn.Module):
@@ -91,7 +74,6 @@ class NtEbm(Method):
 
     def __init__(self, cfg: NtEbmConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
-        cfg.validate()
         if not cfg.backbone:
             raise ValueError("nt_ebm needs method.backbone (the engine pretrains one and fills it in when empty)")
         self.flow = load_backbone(cfg.backbone, "flow", spec.shape, self.device)

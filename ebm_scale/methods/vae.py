@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.errors import require
+from ebm_scale.schema import Config, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import backbone_state
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
@@ -18,22 +18,17 @@ from ebm_scale.nets.vae import VAE, VAEConfig
 
 
 @dataclass
-class VaeConfig:
-    name: str = "vae"
+class VaeConfig(Config):
+    PREFIX = "method"
+
+    name: str = knob("vae", choices=("vae",), noun="method")
     vae: VAEConfig = field(default_factory=VAEConfig)
-    iw_samples: int = 100  # importance samples per point in log_density (paper 003's 2D table: 10k)
+    iw_samples: int = knob(100, ge=1)  # importance samples per point in log_density (paper 003's 2D table: 10k)
     # KL warm-up (NVAE, VAEBM's backbone): the KL term's weight ramps linearly 0 → 1 over this many
     # iterations, so the decoder learns to use z before the KL can pull q(z|x) onto the prior (posterior
     # collapse). 0 = the plain ELBO from the start.
-    kl_warmup: int = 0
+    kl_warmup: int = knob(0, ge=0, note="0 = no warm-up")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
-
-    def validate(self, prefix: str = "method") -> None:
-        require(self.name == "vae", f"{prefix}.name", f"VaeConfig belongs to method 'vae', got {self.name!r}")
-        self.vae.validate(f"{prefix}.vae")
-        require(self.iw_samples >= 1, f"{prefix}.iw_samples", f"must be >= 1, got {self.iw_samples}")
-        require(self.kl_warmup >= 0, f"{prefix}.kl_warmup", f"must be >= 0 (0 = no warm-up), got {self.kl_warmup}")
-        self.optim.validate(f"{prefix}.optim")
 
 
 @register_method
@@ -43,7 +38,6 @@ class Vae(Method):
 
     def __init__(self, cfg: VaeConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
-        cfg.validate()
         cfg.vae.check_shape(spec.shape, "method.vae")  # names the key when the data cannot fit the architecture
         self.networks["vae"] = VAE(spec.shape, cfg.vae).to(self.device)
         self.optimizers["vae"] = cfg.optim.build(self.networks["vae"].parameters())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.errors import require
+from ebm_scale.schema import Config, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import PretrainConfig, load_backbone
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
@@ -36,71 +36,43 @@ SAMPLER_KINDS = ("langevin", "hmc")
 
 
 @dataclass
-class VaebmSamplerConfig:
-    kind: str = "langevin"       # langevin (the paper) | hmc (Metropolis-corrected, step adapted; see the docstring)
-    step_size: float = 8e-5      # langevin: η, shared by ε_z and ε_x (paper Table 8, CIFAR-10); hmc: the initial
+class VaebmSamplerConfig(Config):
+    kind: str = knob("langevin", choices=SAMPLER_KINDS, noun="sampler")  # langevin (the paper) | hmc (Metropolis-corrected, step adapted; see the docstring)
+    step_size: float = knob(8e-5, gt=0)  # langevin: η, shared by ε_z and ε_x (paper Table 8, CIFAR-10); hmc: the initial
                                  # leapfrog ε (for L = 1 the proposal is a Langevin step with η = ε²)
-    steps: int = 10              # K at training
-    sample_steps: int = 16       # K at test time (paper: longer chains than training, 16 vs 10)
-    noise_scale: float = 1.0     # σ in ε ← ε − η/2 ∇U + σ√η ω (1 = Langevin proper)
+    steps: int = knob(10, ge=1)  # K at training
+    sample_steps: int = knob(16, ge=1)  # K at test time (paper: longer chains than training, 16 vs 10)
+    noise_scale: float = knob(1.0, ge=0)  # σ in ε ← ε − η/2 ∇U + σ√η ω (1 = Langevin proper)
     buffer: bool = False         # persistent ε_z chains (ε_x always fresh)
-    buffer_size: int = 10000
-    buffer_max_prob: float = 0.6     # reuse probability p reached at the end of the ramp
-    buffer_ramp_iters: int = 5000    # p rises linearly 0 → max over these iterations
-    leapfrog_steps: int = 1      # hmc: L per transition (1 = MALA)
-    target_accept: float = 0.651 # hmc: ε·(1 + adapt_rate) above it, ε/(1 + adapt_rate) below (as nt_ebm)
-    adapt_rate: float = 0.02
-
-    def validate(self, prefix: str) -> None:
-        require(self.kind in SAMPLER_KINDS, f"{prefix}.kind", f"unknown sampler {self.kind!r}", allowed=SAMPLER_KINDS)
-        require(self.leapfrog_steps >= 1, f"{prefix}.leapfrog_steps", f"must be >= 1, got {self.leapfrog_steps}")
-        require(0 < self.target_accept < 1, f"{prefix}.target_accept", f"must be in (0, 1), got {self.target_accept}")
-        require(self.adapt_rate > 0, f"{prefix}.adapt_rate", f"must be > 0, got {self.adapt_rate}")
-        require(self.step_size > 0, f"{prefix}.step_size", f"must be > 0, got {self.step_size}")
-        require(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
-        require(self.sample_steps >= 1, f"{prefix}.sample_steps", f"must be >= 1, got {self.sample_steps}")
-        require(self.noise_scale >= 0, f"{prefix}.noise_scale", f"must be >= 0, got {self.noise_scale}")
-        require(self.buffer_size >= 1, f"{prefix}.buffer_size", f"must be >= 1, got {self.buffer_size}")
-        require(0 <= self.buffer_max_prob <= 1, f"{prefix}.buffer_max_prob",
-                f"must be in [0, 1], got {self.buffer_max_prob}")
-        require(self.buffer_ramp_iters >= 0, f"{prefix}.buffer_ramp_iters",
-                f"must be >= 0, got {self.buffer_ramp_iters}")
+    buffer_size: int = knob(10000, ge=1)
+    buffer_max_prob: float = knob(0.6, ge=0, le=1)  # reuse probability p reached at the end of the ramp
+    buffer_ramp_iters: int = knob(5000, ge=0)  # p rises linearly 0 → max over these iterations
+    leapfrog_steps: int = knob(1, ge=1)  # hmc: L per transition (1 = MALA)
+    target_accept: float = knob(0.651, gt=0, lt=1)  # hmc: ε·(1 + adapt_rate) above it, ε/(1 + adapt_rate) below (as nt_ebm)
+    adapt_rate: float = knob(0.02, gt=0)
 
 
 @dataclass
 class VaePretrainConfig(PretrainConfig):
-    kl_warmup: int = 0  # the stage-1 VAE's KL warm-up (`vae`'s kl_warmup): iterations of the 0 → 1 ramp
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        require(self.kl_warmup >= 0, f"{prefix}.kl_warmup", f"must be >= 0 (0 = no warm-up), got {self.kl_warmup}")
+    kl_warmup: int = knob(0, ge=0, note="0 = no warm-up")  # the stage-1 VAE's KL warm-up (`vae`'s kl_warmup): iterations of the 0 → 1 ramp
 
 
 @dataclass
-class VaebmConfig:
-    name: str = "vaebm"
+class VaebmConfig(Config):
+    PREFIX = "method"
+
+    name: str = knob("vaebm", choices=("vaebm",), noun="method")
     backbone: str = ""           # runs:/<run_id>/backbone | a path to backbone.pt (or its folder) | "" = pretrain
     vae: VAEConfig = field(default_factory=VAEConfig)          # used only when pretraining
     pretrain: VaePretrainConfig = field(default_factory=VaePretrainConfig)
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
     sampler: VaebmSamplerConfig = field(default_factory=VaebmSamplerConfig)
-    spectral_weight: float = 0.2     # paper: 0.2
-    energy_reg: float = 0.0          # α·mean(E_pos² + E_neg²) (Du & Mordatch 2019; not in paper 003): keeps E bounded
-    iw_samples: int = 100            # importance samples for log p_vae in log_density (paper's 2D table: 10k)
+    spectral_weight: float = knob(0.2, ge=0)  # paper: 0.2
+    energy_reg: float = knob(0.0, ge=0)  # α·mean(E_pos² + E_neg²) (Du & Mordatch 2019; not in paper 003): keeps E bounded
+    iw_samples: int = knob(100, ge=1)  # importance samples for log p_vae in log_density (paper's 2D table: 10k)
     # Paper / public code: Adam β = (0.99, 0.999), weight decay 3e-5, IGEBM elementwise clipping at 3 std.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=4e-5, betas=(0.99, 0.999), weight_decay=3e-5, clip_elementwise_std=3.0))
-
-    def validate(self, prefix: str = "method") -> None:
-        require(self.name == "vaebm", f"{prefix}.name", f"VaebmConfig belongs to method 'vaebm', got {self.name!r}")
-        self.vae.validate(f"{prefix}.vae")
-        self.pretrain.validate(f"{prefix}.pretrain")
-        self.energy.validate(f"{prefix}.energy")
-        self.sampler.validate(f"{prefix}.sampler")
-        require(self.spectral_weight >= 0, f"{prefix}.spectral_weight", f"must be >= 0, got {self.spectral_weight}")
-        require(self.energy_reg >= 0, f"{prefix}.energy_reg", f"must be >= 0, got {self.energy_reg}")
-        require(self.iw_samples >= 1, f"{prefix}.iw_samples", f"must be >= 1, got {self.iw_samples}")
-        self.optim.validate(f"{prefix}.optim")
 
 
 class NoiseSpace:
@@ -129,7 +101,6 @@ class Vaebm(Method):
 
     def __init__(self, cfg: VaebmConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
-        cfg.validate()
         if not cfg.backbone:
             raise ValueError("vaebm needs method.backbone (the engine pretrains one and fills it in when empty)")
         self.vae = load_backbone(cfg.backbone, "vae", spec.shape, self.device)
