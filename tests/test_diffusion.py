@@ -25,7 +25,9 @@ def test_time_points_equidistant_and_drl():
 def test_schedule_matches_the_continuous_marginal_and_its_own_steps():
     sched = DiscreteVPSchedule(4, 0.1, 20.0)
     s = torch.tensor([0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
-    expected = 1 - vp_sigma2(s, 0.1, 20.0)
+    # ᾱ(s) = exp(−∫₀ˢ β) = exp(−β_min·s − ½(β_max − β_min)·s²), written out (not vp_sigma2, which is under test)
+    expected = torch.tensor([math.exp(-0.1 * v - 0.5 * 19.9 * v * v) for v in s.tolist()], dtype=torch.float64)
+    assert torch.allclose(1 - vp_sigma2(s, 0.1, 20.0), expected, rtol=1e-12)
     assert torch.allclose(sched.alpha_bar.double(), expected, rtol=1e-6)
     # ᾱ_t is the product of (1 − β_k) over the steps: the T-step chain composes to the marginal.
     assert torch.allclose(torch.cumprod(1 - sched.betas.double(), 0), expected, rtol=1e-5)
@@ -120,9 +122,13 @@ def test_vp_sde_perturb_matches_marginal():
     x0 = torch.full((n, 1), 3.0)
     t = torch.full((n,), 0.3)
     xt = sde.perturb(x0, t)
-    mean, std = sde.marginal(torch.tensor(0.3))
-    assert abs(float(xt.mean()) - 3 * float(mean)) < 0.01
-    assert abs(float(xt.std()) - float(std)) < 0.01
+    # dX = −½β X dt + √β dW: m(t) = exp(−½∫₀ᵗ β) = exp(−½(β_min·t + ½(β_max − β_min)·t²)), s² = 1 − m²
+    mean = math.exp(-0.5 * (0.1 * 0.3 + 0.5 * 9.9 * 0.3 ** 2))
+    std = math.sqrt(1 - mean ** 2)
+    assert abs(float(xt.mean()) - 3 * mean) < 0.01
+    assert abs(float(xt.std()) - std) < 0.01
+    got_mean, got_std = sde.marginal(torch.tensor(0.3))
+    assert abs(float(got_mean) - mean) < 1e-6 and abs(float(got_std) - std) < 1e-6
 
 
 def _gaussian_target(m: float, s: float, sde: VPSDE):
@@ -212,6 +218,33 @@ def test_dsm_decreases_and_is_smallest_at_the_true_score():
     optimum = sum(float(denoising_score_matching(sde, optimal, data[:2048])) for _ in range(10)) / 10
     assert last < 0.7 * first, (first, last)
     assert optimum <= last + 0.02, (optimum, last)   # the true score is (up to noise) the minimizer
+
+
+def test_dsm_is_the_per_dimension_squared_residual():
+    """DSM = mean_n ‖s(t)·u(x_t, t)/g(t) + ε‖² / dim, checked two ways on 5-D data: exactly, on the points
+    the control was called with (ε recovered from x_t = m(t)·x_0 + s(t)·ε with m, s, g in closed form), and
+    against its expectation: with u = 0 the residual is ε, so DSM → E‖ε‖²/dim = 1 whatever the dimension."""
+    torch.manual_seed(6)
+    sde, dim, n = VPSDE(0.1, 10.0), 5, 20000
+    x0 = 1.0 + torch.randn(n, dim)
+    calls = []
+
+    def control(x, t):
+        calls.append((x, t))
+        return 0.5 * x + 0.3
+
+    dsm = denoising_score_matching(sde, control, x0, t_min=0.01)
+    ((x_t, t),) = calls
+    beta = 0.1 + 9.9 * t
+    m = torch.exp(-0.5 * (0.1 * t + 0.5 * 9.9 * t ** 2))
+    s = (1 - m ** 2).sqrt()
+    eps = (x_t - m[:, None] * x0) / s[:, None]
+    residual = s[:, None] * (0.5 * x_t + 0.3) / beta.sqrt()[:, None] + eps
+    assert float(t.min()) >= 0.01 and abs(float(eps.std()) - 1) < 0.01
+    assert torch.allclose(dsm, (residual ** 2).sum(1).mean() / dim, rtol=1e-4)
+
+    zero = denoising_score_matching(sde, lambda x, t: torch.zeros_like(x), x0)
+    assert abs(float(zero) - 1.0) < 0.02, float(zero)
 
 
 def test_schedule_rejects_bad_betas():
