@@ -484,7 +484,7 @@ def _yaml_error(err: Exception) -> ConfigError:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or _first_line(str(err))
     where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a sweep file"
-    if "\t" in problem:
+    if "\\t" in problem:  # the parser names the tab as an escape
         problem += " (indent YAML with spaces, not tabs)"
     return ConfigError("config", f"YAML syntax error in {where}: {problem}")
 

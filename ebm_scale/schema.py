@@ -16,6 +16,7 @@ No third-party imports: methods and nets declare their configs with this too.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import typing
@@ -70,13 +71,13 @@ class Spec:
         hi_ok = (self.le is None or v <= self.le) and (self.lt is None or v < self.lt)
         if lo_ok and hi_ok:
             return None
-        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
-        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        lo = f"[{self.ge:.4g}" if self.ge is not None else f"({self.gt:.4g}" if self.gt is not None else None
+        hi = f"{self.le:.4g}]" if self.le is not None else f"{self.lt:.4g})" if self.lt is not None else None
         if lo and hi:
             return f"in {lo}, {hi}"
         if lo:
-            return f">= {self.ge}" if self.ge is not None else f"> {self.gt}"
-        return f"<= {self.le}" if self.le is not None else f"< {self.lt}"
+            return f">= {self.ge:.4g}" if self.ge is not None else f"> {self.gt:.4g}"
+        return f"<= {self.le:.4g}" if self.le is not None else f"< {self.lt:.4g}"
 
 
 def knob(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **spec) -> Any:
@@ -187,7 +188,8 @@ def type_name(declared: Any) -> str:
 
 
 def check_search_value(cfg: Any, dotted: str, value: Any, where: str) -> None:
-    """A value a search may give `dotted` must be one the field accepts: its type and its declared bounds."""
+    """A value a search may give `dotted` must be one the config accepts: the field's type, then the whole
+    config validated with the value in place (its bounds, and the rules and views that involve it)."""
     found = field_at(cfg, dotted)
     if found is None:
         raise ConfigError(where, "is not a config key (search keys are dotted paths like method.sampler.step_size)")
@@ -197,10 +199,15 @@ def check_search_value(cfg: Any, dotted: str, value: Any, where: str) -> None:
     fits, value = coerce(value, declared)
     if not fits:
         raise ConfigError(where, f"{value!r} does not fit {dotted}, which takes {type_name(declared)}")
-    spec = f.metadata.get("spec")
-    problem = spec.problem(value) if spec else None
-    if problem:
-        raise ConfigError(where, f"{value!r} is outside what {dotted} accepts: {problem[0]}", problem[1])
+    trial = copy.deepcopy(cfg)
+    node = trial
+    for part in dotted.split(".")[:-1]:
+        node = getattr(node, part)
+    setattr(node, f.name, value)
+    try:
+        validate(trial)
+    except ConfigError as err:
+        raise ConfigError(where, f"{value!r} is outside what the config accepts: {err}", err.allowed) from None
 
 
 def is_integer_field(cfg: Any, dotted: str) -> bool:

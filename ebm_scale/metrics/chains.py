@@ -18,6 +18,8 @@ WHEN = ("final", "every", "never")
 
 @dataclass
 class McmcEvalConfig(Config):
+    PREFIX = "eval.mcmc"
+
     chains: int = knob(64, ge=2, note="R̂ compares chains")  # m (paper 002: 64)
     length: int = knob(2000, ge=2)  # transitions per chain (paper 002: 2000)
     burn_in: int = knob(400, ge=0)  # dropped before R̂ / ESS / autocorrelation (paper 002: 400); <= length - 2

@@ -35,6 +35,8 @@ _DENSITY_METRICS = {
 
 @dataclass
 class EvalConfig(Config):
+    PREFIX = "eval"
+
     # model samples for Sinkhorn and scatter plots (and test points Sinkhorn compares to)
     n_samples: int = knob(2000, ge=1)
     sinkhorn_reg: float = knob(0.05, gt=0)
