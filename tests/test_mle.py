@@ -1,5 +1,4 @@
 import copy
-import time
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ from ebm_scale.errors import ConfigError
 from ebm_scale.methods import METHODS, DataSpec, OptimConfig, build_method
 from ebm_scale.methods.mle import Mle, MleConfig, MleLossConfig, MleSamplerConfig
 from ebm_scale.nets import MLPConfig
-from ebm_scale.samplers import sample_euler
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 METRIC_KEYS = {"loss", "loss/ml", "energy/pos", "energy/neg", "energy_gap", "chain/grad_norm_first",
@@ -55,14 +53,15 @@ def test_one_step_reports_finite_detached_scalars(kind, generator_weight, energy
     assert out["chain/grad_norm_first"] > 0 and out["chain/grad_norm_last"] > 0
 
 
-def test_paper_default_step_is_fast():
+def test_paper_default_step_runs():
+    """The paper's defaults (256×5 swish, noisy Langevin K=40) build and step; their speed is measured by
+    benchmarks/mle_step_time.py, not asserted here (wall-clock bounds are flaky on a shared machine)."""
     torch.manual_seed(0)
-    method = build_method(MleConfig(), SPEC, "cpu")  # 256×5 swish, noisy Langevin K=40
-    batch = two_modes(256)
-    method.train_step(batch)  # warm-up (allocator, lazy init)
-    start = time.perf_counter()
-    method.train_step(batch)
-    assert time.perf_counter() - start < 1.0
+    method = build_method(MleConfig(), SPEC, "cpu")
+    before = [p.detach().clone() for p in method.energy.parameters()]
+    out = method.train_step(two_modes(256))
+    assert set(out) == METRIC_KEYS and all(torch.isfinite(v) for v in out.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.energy.parameters()))
 
 
 def test_sample_and_log_density():
@@ -76,13 +75,25 @@ def test_sample_and_log_density():
     assert set(build_method(small_config("euler"), SPEC, "cpu").log_density(two_modes(3))) == {"ebm"}
 
 
+def euler_by_hand(energy, x0, *, steps, step_size, create_graph=False):
+    """The paper's noise-free dynamics x ← x − (η/2)·∇E(x), written out (the reference for sample_euler);
+    create_graph keeps the chain differentiable in the energy's parameters."""
+    x = x0.detach().requires_grad_(True)
+    for _ in range(steps):
+        if not create_graph:
+            x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(energy(x).sum(), x, create_graph=create_graph)
+        x = x - 0.5 * step_size * grad
+    return x if create_graph else x.detach()
+
+
 def test_sample_steps_override_only_changes_evaluation():
     cfg = small_config("euler", steps=10, sample_steps=3)
     method = build_method(cfg, SPEC, "cpu")
     torch.manual_seed(1)
     sampled = method.sample(8)
     torch.manual_seed(1)
-    expected = sample_euler(method.energy, torch.randn(8, 2), steps=3, step_size=cfg.sampler.step_size)
+    expected = euler_by_hand(method.energy, torch.randn(8, 2), steps=3, step_size=cfg.sampler.step_size)
     assert torch.equal(sampled, expected) and method.sampler.keywords["steps"] == 10
 
 
@@ -105,7 +116,7 @@ def test_generator_loss_reaches_parameters_through_the_sampler_only():
     two_modes(128)  # replay the RNG stream: the data batch, then the chain's starting noise
     x0 = torch.randn(128, 2)
     critic = copy.deepcopy(before).requires_grad_(False)
-    generated = sample_euler(before, x0, steps=5, step_size=method.cfg.sampler.step_size, create_graph=True)
+    generated = euler_by_hand(before, x0, steps=5, step_size=method.cfg.sampler.step_size, create_graph=True)
     critic(generated).mean().backward()
     for name, p in before.named_parameters():
         independent = torch.zeros_like(p) if p.grad is None else p.grad  # None: the chain never uses it
