@@ -60,6 +60,34 @@ def test_bad_values_are_rejected_naming_the_key(overrides, key, hint):
         assert hint in str(err.value)
 
 
+TRAIN_BAD = [("iterations", 0), ("batch_size", 0), ("eval_every", 0), ("log_every", 0),
+             ("device", "tpu"), ("threads", 0)]
+
+
+@pytest.mark.parametrize("field, value", TRAIN_BAD)
+def test_every_train_check_rejects_its_bad_value(field, value):
+    with pytest.raises(ConfigError) as err:
+        compose(None, [f"train.{field}={value}"])
+    assert err.value.key == f"train.{field}", str(err.value)
+
+
+def test_train_values_at_their_bounds_are_accepted():
+    cfg = compose(None, ["train.iterations=1", "train.batch_size=1", "train.eval_every=1", "train.log_every=1",
+                         "train.threads=1", "train.device=cpu"])
+    assert (cfg.train.iterations, cfg.train.batch_size, cfg.train.threads, cfg.train.device) == (1, 1, 1, "cpu")
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5])
+def test_vaebm_target_accept_must_be_a_probability_strictly_inside_0_1(value):
+    with pytest.raises(ConfigError) as err:
+        compose(None, ["method=vaebm", f"method.sampler.target_accept={value}"])
+    assert err.value.key == "method.sampler.target_accept", str(err.value)
+
+
+def test_vaebm_target_accept_inside_0_1_is_accepted():
+    assert compose(None, ["method=vaebm", "method.sampler.target_accept=0.9"]).method.sampler.target_accept == 0.9
+
+
 def test_search_space_keys_must_exist(tmp_path):
     f = tmp_path / "typo.yaml"
     f.write_text("defaults:\n  - quickstart\n  - _self_\nsearch:\n  space:\n"
@@ -107,3 +135,16 @@ def test_single_run_keeps_the_sweeps_settings_and_drops_its_search():
     assert cfg.search.space == {} and cfg.search.num_samples == 1 and cfg.search.scheduler.kind == "fifo"
     swept = compose("nt_ebm_toy")
     assert swept.search.space and cfg.method.sampler == swept.method.sampler and cfg.train.iterations == 10
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.nope=1", "train.nope"),                     # Hydra: "Could not override 'train.nope'"
+    ("train.iterations=[1, 2]", "train.iterations"),    # Hydra: "Error merging override train.iterations=..."
+    ("+train.iterations=5", "train.iterations"),        # Hydra: "Could not append to config. An item is already at"
+])
+def test_hydra_errors_without_structure_still_name_the_key(override, key):
+    """Hydra gives no key for these, only English text (config._override_key reads it): an upgrade that
+    rewords them fails here instead of silently naming 'overrides'."""
+    with pytest.raises(ConfigError) as err:
+        compose(None, [override])
+    assert err.value.key == key, str(err.value)
