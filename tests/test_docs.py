@@ -2,6 +2,7 @@
 inside the repository: `docs/...` paths and Markdown links exist, every "paper 00N" has a citation in
 docs/papers.md, nothing points at the project notes that are not in the repo, and no sweep comment records a
 commit (figures and their commits live in docs/results/)."""
+
 import re
 from pathlib import Path
 
@@ -19,8 +20,9 @@ def _files() -> list[Path]:
     for name in SOURCE_DIRS:
         folder = ROOT / name
         if folder.is_dir():
-            files += sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in SUFFIXES
-                            and "__pycache__" not in p.parts)
+            files += sorted(
+                p for p in folder.rglob("*") if p.is_file() and p.suffix in SUFFIXES and "__pycache__" not in p.parts
+            )
     return files
 
 
@@ -125,10 +127,11 @@ def test_sweep_comments_hold_no_commit(path):
     for number, line in enumerate(_text(path).splitlines(), 1):
         if "#" not in line:
             continue
-        comment = line[line.index("#"):]
+        comment = line[line.index("#") :]
         assert not COMMIT.search(comment), (
             f"{_rel(path)}:{number}: a commit in a comment ({comment.strip()!r}); figures and the commit they "
-            "were measured at belong in docs/results/")
+            "were measured at belong in docs/results/"
+        )
 
 
 def test_commit_pattern_tells_hashes_from_numbers():
