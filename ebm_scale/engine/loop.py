@@ -177,7 +177,7 @@ def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_t
         if session.rank == 0:
             method.train(False)
             with evaluation_rng(cfg.seed, step):
-                eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step)
+                eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step, run=cfg)
                 chain_metrics, chain_plots = evaluate_chains(method, cfg.eval.mcmc, tmp + "/plots", step, final,
                                                              cfg.eval.plots)
             method.train(True)

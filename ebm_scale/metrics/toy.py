@@ -3,7 +3,9 @@ log-likelihood of each density it defines, and pictures of both."""
 from __future__ import annotations
 
 import hashlib
+import textwrap
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,9 +50,10 @@ class EvalConfig(Config):
 
 
 def evaluate_toy(
-    method, data: ToyData, cfg: EvalConfig, out_dir: Path | str | None = None, step: int = 0
+    method, data: ToyData, cfg: EvalConfig, out_dir: Path | str | None = None, step: int = 0, run=None
 ) -> tuple[dict[str, float], list[Path]]:
-    """Metrics (flat names → floats) and, when out_dir is given and cfg.plots, the PNGs written there.
+    """Metrics (flat names → floats) and, when out_dir is given and cfg.plots, the PNGs written there, titled
+    with the run's name and searched parameters when `run` (the run's whole config) is given.
 
     `method` needs `sample(n)` and `log_density(x) -> {name: (n,) tensor}` (ebm_scale.methods.base.Method).
     The caller sets eval mode; samplers and densities may use autograd, so nothing here disables it.
@@ -84,7 +87,7 @@ def evaluate_toy(
     if data.log_prob is not None:  # the picture's panel; the truth's log Z is 0 by construction
         grids[TRUE_DENSITY] = truth_grid if truth_grid is not None else _truth_grid(data, cfg)
     title = f"{getattr(method, 'name', type(method).__name__)} on {data.name}, step {step}"
-    return metrics, _write_plots(Path(out_dir), step, samples, data, grids, title)
+    return metrics, _write_plots(Path(out_dir), step, samples, data, grids, title, run)
 
 
 def _truth_grid(data: ToyData, cfg: EvalConfig) -> DensityGrid:
@@ -167,17 +170,39 @@ def _digest(x: Tensor) -> str:
 
 
 def _write_plots(
-    out_dir: Path, step: int, samples: Tensor, data: ToyData, grids: dict[str, DensityGrid], title: str
+    out_dir: Path, step: int, samples: Tensor, data: ToyData, grids: dict[str, DensityGrid], title: str, run=None
 ) -> list[Path]:
-    """samples_{step}.png always; density_{step}.png when there is a density to draw, each panel normalized by
-    its own quadrature log Z so the colour scales are densities."""
+    """samples_{step}.png always; density_{step}.png when there is a density to draw: each panel's log-density
+    normalized by its own quadrature log Z, on the truth's colour scale when the truth is drawn."""
     # Imported here, not at the top: matplotlib costs seconds to import, and every training worker imports
     # this module while only the evaluating rank with plots on draws anything.
     from ebm_scale.plots import plot_densities, plot_samples
 
+    title = run_title(run, title)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [plot_samples(samples, data.test, out_dir / f"samples_{step:06d}.png", title=title, bounds=data.spec.bounds)]
     if grids:
-        normalized = {name: (g.xs, g.ys, torch.exp(g.values - log_normalizer(g)[0])) for name, g in grids.items()}
-        paths.append(plot_densities(normalized, out_dir / f"density_{step:06d}.png", title=title))
+        normalized = {name: (g.xs, g.ys, g.values - log_normalizer(g)[0]) for name, g in grids.items()}
+        paths.append(plot_densities(normalized, out_dir / f"density_{step:06d}.png", title=title,
+                                    reference=TRUE_DENSITY if TRUE_DENSITY in grids else None))
     return paths
+
+
+def run_title(run, title: str, width: int = 60) -> str:
+    """`title` headed by the run's name and followed by the values of its searched parameters (the keys of
+    run.search.space, looked up in the run's own config), wrapped to lines of about `width` characters."""
+    if run is None:
+        return title
+    from ebm_scale.plots import short_names
+
+    keys = list(getattr(getattr(run, "search", None), "space", None) or {})
+    values = [_config_value(run, key) for key in keys]
+    searched = [f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+                for name, value in zip(short_names(keys), values)]
+    return "\n".join([f"{run.name}: {title}", *textwrap.wrap(", ".join(searched), width, break_on_hyphens=False)])
+
+
+def _config_value(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part] if isinstance(config, Mapping) else getattr(config, part)
+    return config
