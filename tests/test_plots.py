@@ -1,5 +1,6 @@
 """PNG pictures: written, non-empty, robust to NaNs, no figures left behind; density panels on one log scale,
 sample and density pictures titled with the run and its searched values."""
+
 import ast
 import math
 from dataclasses import dataclass
@@ -24,8 +25,13 @@ def test_plot_samples_writes_a_png_and_drops_non_finite_points(tmp_path):
     samples = torch.randn(300, 2)
     samples[:10] = float("nan")
     samples[10, 0] = float("inf")
-    path = plot_samples(samples, np.random.default_rng(0).normal(size=(500, 2)), tmp_path / "sub" / "s.png",
-                        title="samples", bounds=(-4.0, 4.0))
+    path = plot_samples(
+        samples,
+        np.random.default_rng(0).normal(size=(500, 2)),
+        tmp_path / "sub" / "s.png",
+        title="samples",
+        bounds=(-4.0, 4.0),
+    )
     assert _is_png(path)
 
 
@@ -33,8 +39,11 @@ def test_plot_densities_draws_one_panel_per_name(tmp_path):
     xs = torch.linspace(-3, 3, 50)
     values = torch.exp(-0.5 * (xs[None, :] ** 2 + xs[:, None] ** 2))
     one = plot_densities({"ebm": (xs, xs, values)}, tmp_path / "one.png")
-    three = plot_densities({"ebm": (xs, xs, values), "flow": (xs, xs, values.T), "true": (xs, xs, values * float("nan"))},
-                           tmp_path / "three.png", title="densities")
+    three = plot_densities(
+        {"ebm": (xs, xs, values), "flow": (xs, xs, values.T), "true": (xs, xs, values * float("nan"))},
+        tmp_path / "three.png",
+        title="densities",
+    )
     assert _is_png(one) and _is_png(three)
     assert three.stat().st_size > one.stat().st_size
 
@@ -44,7 +53,9 @@ def _capture_figures(monkeypatch):
     import ebm_scale.plots as plots
 
     figures, save = [], plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, *args, **kwargs: (figures.append(fig), save(fig, *args, **kwargs))[1])
+    monkeypatch.setattr(
+        plots, "_save", lambda fig, *args, **kwargs: (figures.append(fig), save(fig, *args, **kwargs))[1]
+    )
     return figures
 
 
@@ -57,8 +68,9 @@ def test_density_panels_share_one_log_density_scale_set_by_the_truth(tmp_path, m
     images = [ax.images[0] for ax in figures[0].axes if ax.images]
     assert len(images) == 2
     top = float(truth.max())  # the truth's peak, not the model's (which is 12 nats higher)
-    assert all(image.norm.vmax == pytest.approx(top) and image.norm.vmin == pytest.approx(top - 10.0)
-               for image in images)
+    assert all(
+        image.norm.vmax == pytest.approx(top) and image.norm.vmin == pytest.approx(top - 10.0) for image in images
+    )
     np.testing.assert_allclose(images[0].get_array(), model.numpy(), rtol=1e-6)  # drawn as given: log-densities
     assert sum(ax.get_label() == "<colorbar>" for ax in figures[0].axes) == 1  # one colour bar for both panels
 
@@ -95,7 +107,8 @@ class _Sampler:
 
 
 def test_evaluate_toy_draws_log_densities_and_titles_pictures_with_the_run_and_its_searched_values(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     import ebm_scale.plots as plots
     from ebm_scale.data import DataConfig, load_dataset
     from ebm_scale.metrics.toy import EvalConfig, evaluate_toy
@@ -103,10 +116,20 @@ def test_evaluate_toy_draws_log_densities_and_titles_pictures_with_the_run_and_i
     calls = {}
     for name in ("plot_densities", "plot_samples"):
         original = getattr(plots, name)
-        monkeypatch.setattr(plots, name, lambda *a, _o=original, _n=name, **k: (calls.setdefault(_n, (a, k)), _o(*a, **k))[1])
+        monkeypatch.setattr(
+            plots, name, lambda *a, _o=original, _n=name, **k: (calls.setdefault(_n, (a, k)), _o(*a, **k))[1]
+        )
     data = load_dataset(DataConfig(name="8gaussians", n_train=10, n_test=500), seed=0)
-    run = SimpleNamespace(name="quickstart", method={"sampler": _Sampler()}, search=SimpleNamespace(
-        space={"method.sampler.step_size": {"loguniform": [1e-3, 1.0]}, "method.sampler.steps": {"randint": [5, 25]}}))
+    run = SimpleNamespace(
+        name="quickstart",
+        method={"sampler": _Sampler()},
+        search=SimpleNamespace(
+            space={
+                "method.sampler.step_size": {"loguniform": [1e-3, 1.0]},
+                "method.sampler.steps": {"randint": [5, 25]},
+            }
+        ),
+    )
     _, paths = evaluate_toy(_Truth(data), data, EvalConfig(n_samples=200, grid_size=60), tmp_path, step=50, run=run)
     assert [p.name for p in paths] == ["samples_000050.png", "density_000050.png"]
 
@@ -134,7 +157,10 @@ def test_short_names_keep_keys_apart():
     from ebm_scale.plots import short_names
 
     assert short_names(["method.sampler.step_size", "method.sampler.steps", "method.loss.generator_weight"]) == [
-        "sampler.step_size", "sampler.steps", "loss.generator_weight"]
+        "sampler.step_size",
+        "sampler.steps",
+        "loss.generator_weight",
+    ]
     assert short_names(["a.energy.lr", "b.energy.lr", "lr"]) == ["a.energy.lr", "b.energy.lr", "lr"]
 
 
@@ -153,8 +179,18 @@ def test_no_figures_are_left_open(tmp_path):
 FORBIDDEN = {"ray", "mlflow", "optuna", "hydra", "omegaconf"}
 
 
-@pytest.mark.parametrize("module", ["plots.py", "data/__init__.py", "data/toy.py", "metrics/__init__.py",
-                                    "metrics/likelihood.py", "metrics/sinkhorn.py", "metrics/toy.py"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "plots.py",
+        "data/__init__.py",
+        "data/toy.py",
+        "metrics/__init__.py",
+        "metrics/likelihood.py",
+        "metrics/sinkhorn.py",
+        "metrics/toy.py",
+    ],
+)
 def test_plain_modules_import_no_tracking_or_sweep_stack(module):
     tree = ast.parse((Path(__file__).parents[1] / "ebm_scale" / module).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

@@ -1,6 +1,7 @@
 """The sweep's summary pictures, from Tune-like results: parallel coordinates of every trial with a value
 (ASHA-stopped ones too, drawn apart), axis names that tell keys apart, parameter importance only from
 enough finished trials and saying from how many."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,11 +10,17 @@ import pytest
 
 from ebm_scale.engine import summary
 
-SPACE = {"method.sampler.step_size": {"loguniform": [1e-3, 1.0]}, "method.sampler.steps": {"randint": [5, 25]},
-         "method.sampler.noise_scale": {"choice": [0.0, 0.01, 0.1]},
-         "method.loss.generator_weight": {"uniform": [0.0, 1.0]}}
-CFG = SimpleNamespace(name="probe", train=SimpleNamespace(iterations=300),
-                      search=SimpleNamespace(mode="min", metric="eval/sinkhorn", space=SPACE))
+SPACE = {
+    "method.sampler.step_size": {"loguniform": [1e-3, 1.0]},
+    "method.sampler.steps": {"randint": [5, 25]},
+    "method.sampler.noise_scale": {"choice": [0.0, 0.01, 0.1]},
+    "method.loss.generator_weight": {"uniform": [0.0, 1.0]},
+}
+CFG = SimpleNamespace(
+    name="probe",
+    train=SimpleNamespace(iterations=300),
+    search=SimpleNamespace(mode="min", metric="eval/sinkhorn", space=SPACE),
+)
 
 
 def _results(finished: int, pruned: int, failed: int = 1):
@@ -21,18 +28,24 @@ def _results(finished: int, pruned: int, failed: int = 1):
     rng = np.random.default_rng(0)
     results = []
     for i in range(finished + pruned + failed):
-        config = {"method.sampler.step_size": float(10 ** rng.uniform(-3, 0)),
-                  "method.sampler.steps": int(rng.integers(5, 26)),
-                  "method.sampler.noise_scale": float(rng.choice([0.0, 0.01, 0.1])),
-                  "method.loss.generator_weight": float(rng.uniform())}
+        config = {
+            "method.sampler.step_size": float(10 ** rng.uniform(-3, 0)),
+            "method.sampler.steps": int(rng.integers(5, 26)),
+            "method.sampler.noise_scale": float(rng.choice([0.0, 0.01, 0.1])),
+            "method.loss.generator_weight": float(rng.uniform()),
+        }
         last = 300 if i < finished else 50
         steps = list(range(50, last + 1, 50))
         values = [1.0 + i + 1 / s for s in steps]
         failed_trial = i >= finished + pruned
-        results.append(SimpleNamespace(
-            config=config, error=RuntimeError("boom") if failed_trial else None,
-            metrics=None if failed_trial else {"step": last, "diverged": 0, "eval/sinkhorn": values[-1]},
-            metrics_dataframe=None if failed_trial else pd.DataFrame({"step": steps, "eval/sinkhorn": values})))
+        results.append(
+            SimpleNamespace(
+                config=config,
+                error=RuntimeError("boom") if failed_trial else None,
+                metrics=None if failed_trial else {"step": last, "diverged": 0, "eval/sinkhorn": values[-1]},
+                metrics_dataframe=None if failed_trial else pd.DataFrame({"step": steps, "eval/sinkhorn": values}),
+            )
+        )
     return results
 
 
@@ -55,14 +68,21 @@ def test_parallel_coordinates_draw_pruned_trials_apart_with_distinct_axis_names(
     finished = [line for line in lines if line.get_gid() == "finished"]
     stopped = [line for line in lines if line.get_gid() != "finished"]
     assert len(finished) == 3 and len(stopped) == 5
-    assert {line.get_linestyle() for line in finished} == {"-"} and "-" not in {line.get_linestyle() for line in stopped}
+    assert {line.get_linestyle() for line in finished} == {"-"} and "-" not in {
+        line.get_linestyle() for line in stopped
+    }
     # the objective axis (log-scaled for a Sinkhorn) holds each trial's last value, a pruned one's at step 50
     values = np.log10([1 + i + 1 / (300 if i < 3 else 50) for i in range(8)])
     expected = (values - values.min()) / (values.max() - values.min())
     assert sorted(line.get_ydata()[-1] for line in lines) == pytest.approx(sorted(expected))
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels == ["sampler.step_size", "sampler.steps", "sampler.noise_scale", "loss.generator_weight",
-                      "eval/sinkhorn"]
+    assert labels == [
+        "sampler.step_size",
+        "sampler.steps",
+        "sampler.noise_scale",
+        "loss.generator_weight",
+        "eval/sinkhorn",
+    ]
     # no line in a colour that vanishes on white: every colour has some channel well below 1
     assert all(min(line.get_color()[:3]) < 0.8 for line in lines)
     assert "3 finished" in saved_figures[0].get_suptitle() and "5 stopped" in saved_figures[0].get_suptitle()
@@ -72,8 +92,10 @@ def test_sweep_figures_skip_importance_below_two_finished_trials_per_parameter(t
     printed = []
     paths = summary.sweep_figures(CFG, _results(finished=3, pruned=9), str(tmp_path), printed.append)
     assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["learning_curves.png", "parallel_coordinate.png"]
-    assert any("param_importances.png" in line and "3 trials ran to the end" in line and "at least 8" in line
-               for line in printed)
+    assert any(
+        "param_importances.png" in line and "3 trials ran to the end" in line and "at least 8" in line
+        for line in printed
+    )
 
 
 def test_importance_title_says_how_many_finished_trials_it_is_from(tmp_path, monkeypatch):

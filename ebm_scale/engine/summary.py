@@ -51,7 +51,7 @@ def study_from_results(cfg, results):
         history = r.metrics_dataframe
         intermediate = {}
         if history is not None and cfg.search.metric in history:
-            intermediate = {int(s): float(v) for s, v in zip(history["step"], history[cfg.search.metric])
+            intermediate = {int(s): float(v) for s, v in zip(history["step"], history[cfg.search.metric], strict=True)
                             if v is not None and math.isfinite(v)}
         finite = value is not None and math.isfinite(value)
         state = TrialState.COMPLETE if outcome == "finished" and finite else (
@@ -173,7 +173,8 @@ def copy_best_samples(uri: str, run_id: str, out_dir: str) -> str | None:
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
-    files = [f.path for f in MlflowClient(uri).list_artifacts(run_id, "plots") if Path(f.path).name.startswith("samples_")]
+    files = [f.path for f in MlflowClient(uri).list_artifacts(run_id, "plots")
+             if Path(f.path).name.startswith("samples_")]
     if not files:
         return None
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sorted(files)[-1], dst_path=out_dir,

@@ -180,7 +180,8 @@ def _write_plots(
 
     title = run_title(run, title)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [plot_samples(samples, data.test, out_dir / f"samples_{step:06d}.png", title=title, bounds=data.spec.bounds)]
+    paths = [plot_samples(samples, data.test, out_dir / f"samples_{step:06d}.png", title=title,
+                          bounds=data.spec.bounds)]
     if grids:
         normalized = {name: (g.xs, g.ys, g.values - log_normalizer(g)[0]) for name, g in grids.items()}
         paths.append(plot_densities(normalized, out_dir / f"density_{step:06d}.png", title=title,
@@ -198,7 +199,7 @@ def run_title(run, title: str, width: int = 60) -> str:
     keys = list(getattr(getattr(run, "search", None), "space", None) or {})
     values = [_config_value(run, key) for key in keys]
     searched = [f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
-                for name, value in zip(short_names(keys), values)]
+                for name, value in zip(short_names(keys), values, strict=True)]
     return "\n".join([f"{run.name}: {title}", *textwrap.wrap(", ".join(searched), width, break_on_hyphens=False)])
 
 
