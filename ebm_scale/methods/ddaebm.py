@@ -77,7 +77,7 @@ class DdaebmConfig(Config):
     # visits the spurious minima of E(·, 0), and the density at t = 0 is left uncorrected there (2D toy:
     # mass piled in the box corners). Sampling stays deterministic at t = 1 whatever the floor, unless
     # sample_with_floor (below).
-    posterior_var_floor: float = knob(1e-2, gt=0)  # (2D toy: 1e-4 and 1e-3 piled the density in the corners, 1e-2 did not)
+    posterior_var_floor: float = knob(1e-2, gt=0)  # small floors pile the density in the box corners (docs/results/ddaebm.md)
     # Generate x_{t−1} from that floored Gaussian too, so p_φ(x_{t−1} | x_t) is the model L2 scores. Without it,
     # at t = 1 x̃_0 = G(x_1, z) is deterministic: the joint (x̃_0, z) is degenerate, and L1's encoder term is then
     # no bound on the generator's entropy (eq. 16 drops H[p_φ(x_{t−1}, z | x_t)] as a constant, which it only is
