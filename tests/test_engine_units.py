@@ -2,12 +2,11 @@
 Optuna being told the truth about early-stopped trials (real OptunaSearch, real Optuna study)."""
 import math
 
+import pytest
 import torch
 from optuna.trial import TrialState
 
 from ebm_scale.config import compose
-import pytest
-
 from ebm_scale.engine.loop import MetricAccumulator, train
 from ebm_scale.engine.state import load_state
 from ebm_scale.engine.sweep import _prune_aware_optuna, trial_outcome, tune_search_space
@@ -154,3 +153,41 @@ def test_progress_lines_are_printed_per_evaluation_at_most_every_interval():
         assert len(progress) == expected
         if expected:
             assert "step 10/30" in progress[0] and "eval/sinkhorn=0.5" in progress[0]
+
+
+def test_the_loop_beats_between_evaluations_only_for_a_session_that_asks():
+    cfg = compose(None, TINY + ["train.iterations=12", "train.eval_every=6"])
+
+    class Beating(MemorySession):
+        heartbeat_s = 0.0  # every step
+
+        def __init__(self):
+            super().__init__()
+            self.beats = []
+
+        def heartbeat(self, step, iters_per_s):
+            self.beats.append(step)
+            assert iters_per_s > 0
+
+    session = Beating()
+    train(cfg, session)
+    assert session.beats == list(range(1, 13))
+    train(cfg, MemorySession())  # no heartbeat attribute: the loop does not ask for one
+
+
+def test_a_gpu_run_on_a_cluster_without_gpus_names_use_gpu():
+    from ebm_scale.engine.sweep import max_concurrent_trials
+    from ebm_scale.errors import ConfigError
+
+    gpu = compose("quickstart", ["scaling=gpu"])  # short of CPUs too: the GPU is what to change
+    with pytest.raises(ConfigError) as err:
+        max_concurrent_trials(gpu, {"CPU": 2.0})
+    assert err.value.key == "scaling.use_gpu"
+
+
+def test_the_sweep_logs_only_what_describes_the_model_as_best_metrics():
+    from ebm_scale.engine.sweep import _describes_the_model
+
+    tune_result = {"eval/sinkhorn": 0.2, "train/loss": 1.0, "step": 300, "pid": 123, "time_since_restore": 4.0,
+                   "timestamp": 1.7e9, "training_iteration": 6, "node_ip": "10.0.0.1", "done": True}
+    assert {k for k, v in tune_result.items() if _describes_the_model(k, v)} == {"eval/sinkhorn", "train/loss", "step"}

@@ -7,7 +7,7 @@ A reference is one of
 The sweep process resolves and checks it before any trial starts (wrong kind or data shape → ConfigError on
 `method.backbone`); each trial (and each TorchTrainer worker, which may be on another node) resolves it again
 into a local cache, so trials share one download per machine. An empty reference makes the sweep pretrain the
-backbone first as its own one-trial run in the same MLflow experiment, then share that with every trial.
+backbone first as its own run in the same MLflow experiment (engine/run.py), then share that with every trial.
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ import tempfile
 from pathlib import Path
 
 from ebm_scale.config import EbmScaleConfig
-from ebm_scale.data import load_dataset
 from ebm_scale.errors import ConfigError
 from ebm_scale.methods import METHODS
-from ebm_scale.methods.backbone import FILE_NAME, check_backbone
+from ebm_scale.methods.backbone import FILE_NAME
 
 CACHE = Path(os.environ.get("EBM_SCALE_CACHE", Path.home() / ".cache" / "ebm_scale")) / "backbones"
 
@@ -97,22 +96,6 @@ def _download_pyarrow(ref: str, dst: str) -> None:
         shutil.copyfileobj(src, out)
 
 
-def prepare_backbone(cfg: EbmScaleConfig, printer=print) -> EbmScaleConfig:
-    """In the sweep process, before any trial: pretrain when no backbone is given, then check the backbone
-    fits the method and the data. Returns the config every trial gets (with `method.backbone` filled in)."""
-    kind = backbone_kind(cfg)
-    if kind is None:
-        return cfg
-    uri = cfg.tracking.resolved_uri()
-    if not cfg.method.backbone:
-        cfg = copy.deepcopy(cfg)
-        cfg.method.backbone = pretrain_backbone(cfg, printer)
-    shape = load_dataset(cfg.data, cfg.seed).spec.shape
-    check_backbone(resolve_backbone(cfg.method.backbone, uri), kind, shape)
-    printer(f"backbone ({kind}): {cfg.method.backbone}")
-    return cfg
-
-
 def stage1_config(cfg: EbmScaleConfig) -> EbmScaleConfig:
     """The one-run config that trains `cfg`'s backbone: same data, seed, scaling and stores; the stage-1
     method built by the stage-2 method from its `pretrain` and architecture sections."""
@@ -122,24 +105,10 @@ def stage1_config(cfg: EbmScaleConfig) -> EbmScaleConfig:
     stage1.name = f"{cfg.name}_backbone"
     stage1.tracking.experiment = cfg.tracking.experiment or cfg.name  # the same experiment as the trials
     stage1.train.iterations = p.iterations
-    # Four evaluations, not one at the end: the sweep prints a trial's progress only when it reports, and a
-    # backbone that pretrains for minutes should not look stuck. Each one is also a checkpoint.
+    # Four evaluations, not one at the end: each prints a line and is a checkpoint.
     stage1.train.eval_every = max(1, -(-p.iterations // 4))
     stage1.train.batch_size = p.batch_size or cfg.train.batch_size
     stage1.search.space, stage1.search.num_samples = {}, 1
     stage1.search.scheduler.kind = "fifo"
     stage1.eval.mcmc.when = "never"
     return stage1
-
-
-def pretrain_backbone(cfg: EbmScaleConfig, printer=print) -> str:
-    from ebm_scale.engine.sweep import run_sweep
-
-    stage1 = stage1_config(cfg)
-    printer(f"no method.backbone given: training the {stage1.method.name} backbone first "
-            f"({stage1.train.iterations} iterations, its own MLflow run)")
-    result = run_sweep(stage1, printer=lambda line: printer("  [backbone] " + line))
-    if not result.counts["finished"] or not result.best_run_id:
-        raise RuntimeError(f"pretraining the backbone failed (MLflow experiment {result.experiment!r}, "
-                           f"sweep run {result.parent_run_id}); see that run's trial for the error")
-    return f"runs:/{result.best_run_id}/backbone"

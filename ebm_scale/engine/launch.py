@@ -1,4 +1,5 @@
-"""One trial: the Tune function trainable ("driver") and the sessions through which the loop talks to Ray.
+"""Ray-facing pieces: joining the cluster, the resources a run needs, the TorchTrainer job, the Tune function
+trainable ("driver") of a sweep's trial, and the sessions through which the loop talks to Ray.
 
 num_workers == 0: the driver runs `loop.train` itself and reports with `ray.tune.report`.
 num_workers >= 1: the driver builds a TorchTrainer whose workers each run `loop.train`; rank 0's reports
@@ -16,7 +17,36 @@ from ebm_scale.config import EbmScaleConfig, flatten, from_dictconfig, set_dotte
 from ebm_scale.engine import tracking
 from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
 from ebm_scale.engine.loop import train
+from ebm_scale.engine.progress import HEARTBEAT_S
 from ebm_scale.engine.state import load_state
+from ebm_scale.errors import ConfigError
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (e.g. after `ray up`), or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # The dashboard stays on (Ray releases finished trials' placement groups through the State API).
+    # Workers' own logs stay in Ray's session folder: a failed trial's error is printed by TrialOutcomes.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="ERROR", log_to_driver=False)
+
+
+def how_many_fit(cfg: EbmScaleConfig, cluster: dict[str, float], need: dict[str, float]) -> int:
+    """How many runs needing `need` fit in `cluster` at once; a ConfigError naming the key if none ever fits.
+    GPUs first: without any, `scaling.use_gpu` is what to change, whatever else is short."""
+    fits = []
+    for resource in sorted(need, key=lambda r: r != "GPU"):
+        amount, have = need[resource], cluster.get(resource, 0.0)
+        if amount <= 0:
+            continue
+        if have + 1e-9 < amount:
+            key = "scaling.use_gpu" if resource == "GPU" and have == 0 else "scaling.num_workers"
+            raise ConfigError(key, f"one run needs {amount:g} {resource} (driver {cfg.scaling.driver_cpus:g} CPU + "
+                                   f"{cfg.scaling.num_workers} worker(s)), but the Ray cluster has {have:g} {resource}")
+        fits.append(int(have // amount + 1e-9))
+    return min(fits) if fits else 1
 
 
 @dataclass
@@ -43,13 +73,23 @@ def _load(checkpoint) -> dict | None:
         return load_state(d)
 
 
+def _beat(tracker, step: int, iters_per_s: float) -> None:
+    """A running trial's heartbeat: a tag on its MLflow run, which the sweep's printer polls. Not a Tune report:
+    ASHA (time_attr `step`) and Optuna would read a report without fresh metrics as a result."""
+    tracker.set_tags({tracking.PROGRESS_TAG: f"{step} {iters_per_s:.4g}"})
+
+
 class TuneSession:
     """In-process trial: the loop reports straight to Tune."""
 
     rank, world_size, local_rank = 0, 1, 0
+    heartbeat_s = HEARTBEAT_S
 
     def __init__(self, tracker):
         self.tracker = tracker
+
+    def heartbeat(self, step: int, iters_per_s: float) -> None:
+        _beat(self.tracker, step, iters_per_s)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.tune
@@ -65,12 +105,18 @@ class TuneSession:
 class TrainSession:
     """A TorchTrainer worker: every rank reports (Train requires it), rank 0 with the checkpoint."""
 
+    heartbeat_s = HEARTBEAT_S
+
     def __init__(self, tracker):
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
         self.tracker = tracker if self.rank == 0 else None
+
+    def heartbeat(self, step: int, iters_per_s: float) -> None:
+        if self.tracker is not None:
+            _beat(self.tracker, step, iters_per_s)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
@@ -125,7 +171,7 @@ def run_trial(sampled: dict, base: dict, context: TrialContext) -> None:
     run_id = tracking.open_trial_run(context.tracking_uri, context.experiment_id, context.parent_run_id,
                                      trial_id, tune_ctx.get_trial_name(), params)
     if backbone_kind(cfg) is not None:
-        tracking._client(context.tracking_uri).set_tag(run_id, tracking.BACKBONE_TAG, cfg.method.backbone)
+        tracking.set_tags(context.tracking_uri, run_id, {tracking.BACKBONE_TAG: cfg.method.backbone})
     if cfg.scaling.num_workers == 0:
         _localize_backbone(cfg, context)
         tracker = _tracker(context, run_id)
@@ -134,30 +180,32 @@ def run_trial(sampled: dict, base: dict, context: TrialContext) -> None:
         finally:
             tracker.flush()
         return
-    _fit_torch_trainer(cfg, trial_id, run_id, context)
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    torch_trainer(cfg, f"train-{trial_id}", run_id, context, [TuneReportCallback()]).fit()
 
 
-def _fit_torch_trainer(cfg: EbmScaleConfig, trial_id: str, run_id: str, context: TrialContext) -> None:
+def torch_trainer(cfg: EbmScaleConfig, name: str, run_id: str, context: TrialContext, callbacks: list):
+    """The TorchTrainer job of one run: `cfg.scaling.num_workers` workers each running `train_worker`.
+    `name` is deterministic, so a retried run finds its last checkpoint."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     sc = cfg.scaling
     backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"config": to_container(cfg), "context": context, "run_id": run_id},
         torch_config=TorchConfig(backend=backend, timeout_s=sc.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"train-{trial_id}",
+            name=name,
             storage_path=os.path.join(context.storage_path, "train_runs") if "://" not in context.storage_path
             else context.storage_path.rstrip("/") + "/train_runs",
             failure_config=FailureConfig(max_failures=sc.max_failures),
-            callbacks=[TuneReportCallback()],
+            callbacks=callbacks,
         ),
     )
-    trainer.fit()

@@ -41,6 +41,8 @@ class Session(Protocol):
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...  # called by every rank
     def restore(self) -> dict | None: ...
+    # Optional: `heartbeat(step, iters_per_s)` at most every `heartbeat_s` seconds between evaluations (a long
+    # run shows it is alive); `stop_after(step) -> bool`: end the run at this step (an experiment's budget).
 
 
 class Diverged(RuntimeError):
@@ -135,7 +137,10 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     t_log = time.perf_counter()
+    heartbeat = Heartbeat(session, start)
+    stop_after = getattr(session, "stop_after", None)
     method.train()
+    step = start  # a run restored at its last step trains no further
     for step in range(start + 1, cfg.train.iterations + 1):
         _debug_faults(cfg, method, step, restored is not None)
         idx = torch.randint(len(train_x), (cfg.train.batch_size,), generator=batch_rng).to(device)
@@ -148,7 +153,9 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
                 raise
             return _end_diverged(cfg, session, step, {"train/error": float("nan")}, last_eval)
 
-        is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.iterations
+        heartbeat.tick(step)
+        final = step == cfg.train.iterations or (stop_after is not None and stop_after(step))
+        is_eval = step % cfg.train.eval_every == 0 or final
         if step % cfg.train.log_every == 0 or is_eval:
             n_steps = accumulator.count
             last_train = {f"train/{k}": v for k, v in accumulator.pop().items()}
@@ -164,13 +171,36 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
                     steps.append(step), values.append(last_train[f"train/{key}"])
 
         if is_eval:
-            last_eval = _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train, curves)
+            last_eval = _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train, curves,
+                                                 final)
             t_log = time.perf_counter()  # evaluation time is not training time
-    return RunSummary(step=cfg.train.iterations, diverged=False, metrics={**last_train, **last_eval})
+            heartbeat.reset(step)
+        if final:
+            break
+    return RunSummary(step=step, diverged=False, metrics={**last_train, **last_eval})
 
 
-def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train, curves) -> dict:
-    final = step == cfg.train.iterations
+class Heartbeat:
+    """Calls `session.heartbeat(step, iterations/s)` at most every `session.heartbeat_s` seconds; a no-op for a
+    session without one. One clock read per step: ~0.1 µs, nothing next to a training step."""
+
+    def __init__(self, session, step: int):
+        self.beat, self.every = getattr(session, "heartbeat", None), getattr(session, "heartbeat_s", None)
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.t, self.step = time.perf_counter(), step
+
+    def tick(self, step: int) -> None:
+        if self.beat is None or self.every is None:
+            return
+        now = time.perf_counter()
+        if now - self.t >= self.every:
+            self.beat(step, (step - self.step) / (now - self.t))
+            self.reset(step)
+
+
+def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train, curves, final) -> dict:
     with tempfile.TemporaryDirectory(prefix="ebm_scale_ckpt_") as tmp:
         metrics: dict[str, float] = {"step": step, "diverged": 0}
         artifacts: list = []

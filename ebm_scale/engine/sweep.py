@@ -1,9 +1,9 @@
-"""A sweep: Ray Tune over the trial driver, Optuna (multivariate TPE) proposing, ASHA stopping early,
-MLflow recording, and `--resume` through Tuner.restore.
+"""A sweep: assembles the Tuner — the trial driver (launch.py), Optuna (multivariate TPE) proposing, ASHA
+stopping early, a callback recording outcomes in MLflow — and `--resume` through Tuner.restore.
 
-Every trial ends with one outcome — finished, pruned (stopped early by ASHA), diverged (non-finite loss or
-energy) or failed (an exception) — and that one outcome is what MLflow's run status, the Optuna study
-and the printed summary all say.
+Every trial ends with one outcome (outcomes.py), and that one outcome is what MLflow's run status, the
+Optuna study and the printed summary all say. What needs the cluster (tracking server, resources, a given
+backbone) is checked before the sweep's MLflow run is created.
 """
 from __future__ import annotations
 
@@ -16,28 +16,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 from ray.tune import Callback
 
 from ebm_scale.config import EbmScaleConfig, flatten, to_container
 from ebm_scale.engine import tracking
-from ebm_scale.engine.backbones import backbone_kind, prepare_backbone
-from ebm_scale.engine.launch import TrialContext, run_trial
-from ebm_scale.errors import ConfigError
+from ebm_scale.engine.backbones import backbone_kind
+from ebm_scale.engine.launch import TrialContext, how_many_fit, init_ray, run_trial
+from ebm_scale.engine.outcomes import OPTUNA_STATE, trial_outcome
+from ebm_scale.engine.progress import HEARTBEAT_S, Clock, Printer, fmt, heartbeat_line
+from ebm_scale.engine.run import preflight, prepare_backbone
 
-Printer = Callable[[str], None]
-
-
-def trial_outcome(result: dict | None, iterations: int, error: bool) -> str:
-    if error:
-        return "failed"
-    if not result:
-        return "pruned"
-    if result.get("diverged"):
-        return "diverged"
-    return "finished" if result.get("step", 0) >= iterations else "pruned"
+# What a trial's result says about the model and the run; the rest (pid, hostname, time_since_restore,
+# training_iteration, ...) is Tune's bookkeeping and is not logged as the sweep's best metrics.
+MODEL_METRIC_PREFIXES = ("train/", "eval/")
 
 
 # --- the search space ---------------------------------------------------------------------------------
@@ -91,8 +84,7 @@ def _prune_aware_optuna(cfg: EbmScaleConfig):
                 return super().on_trial_complete(trial_id, result, error)
             ot_trial = self._ot_trials[trial_id]
             ot_trial.set_user_attr("outcome", outcome)
-            state = TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL
-            self._ot_study.tell(ot_trial, state=state)
+            self._ot_study.tell(ot_trial, state=TrialState[OPTUNA_STATE[outcome]])
             self._completed_trials.add(trial_id)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -114,31 +106,9 @@ def _make_scheduler(cfg: EbmScaleConfig):
 
 # --- Ray and resources --------------------------------------------------------------------------------
 
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (e.g. after `ray up`), or start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # The dashboard stays on (Ray releases finished trials' placement groups through the State API).
-    # Workers' own logs stay in Ray's session folder: a failed trial's error is printed by TrialOutcomes.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="ERROR", log_to_driver=False)
-
-
 def max_concurrent_trials(cfg: EbmScaleConfig, cluster: dict[str, float]) -> int:
     """How many trials fit at once; a ConfigError naming the key if even one never fits."""
-    need = cfg.scaling.trial_resources()
-    fits = []
-    for resource, amount in need.items():
-        if amount <= 0:
-            continue
-        have = cluster.get(resource, 0.0)
-        if have + 1e-9 < amount:
-            key = "scaling.use_gpu" if resource == "GPU" and have == 0 else "scaling.num_workers"
-            raise ConfigError(key, f"one trial needs {amount:g} {resource} (driver {cfg.scaling.driver_cpus:g} CPU + "
-                                   f"{cfg.scaling.num_workers} worker(s)), but the Ray cluster has {have:g} {resource}")
-        fits.append(int(have // amount + 1e-9))
-    n = min(fits) if fits else 1
+    n = how_many_fit(cfg, cluster, cfg.scaling.trial_resources())
     if cfg.search.max_concurrent_trials:
         n = min(n, cfg.search.max_concurrent_trials)
     return max(1, min(n, cfg.search.num_samples))
@@ -150,14 +120,16 @@ class TrialOutcomes(Callback):
     """Runs in the sweep process: ends each trial's MLflow run with the outcome it really had."""
 
     def __init__(self, ctx: TrialContext, metric: str, iterations: int, printer: Printer = print,
-                 progress_every_s: float = 30.0):
+                 progress_every_s: float = HEARTBEAT_S):
         self.ctx, self.metric, self.iterations = ctx, metric, iterations
-        self.t0 = time.time()
+        self.clock = Clock()
         self.started: set[str] = set()
         self.printer = printer
         # A progress line per trial at most this often: long runs show they are alive, short sweeps stay quiet.
         self.progress_every_s = progress_every_s
         self.last_shown: dict[str, float] = {}
+        self.last_poll = time.time()
+        self.beats_seen: dict[str, str] = {}
 
     def __getstate__(self):  # Tune pickles callbacks into the sweep state; a printer need not survive
         return {k: v for k, v in self.__dict__.items() if k != "printer"}
@@ -170,19 +142,35 @@ class TrialOutcomes(Callback):
         if trial.trial_id not in self.started:
             self.started.add(trial.trial_id)
             self.last_shown[trial.trial_id] = time.time()
-            shown = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in trial.config.items())
-            self.printer(f"{self._clock()} start    {trial.trial_id}  {shown}")
-
-    def _clock(self) -> str:
-        return f"[{time.time() - self.t0:4.0f}s]"
+            shown = ", ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in trial.config.items())
+            self.printer(f"{self.clock} start    {trial.trial_id}  {shown}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         """Progress: trials report at each evaluation; the last one is printed by on_trial_complete."""
         step, now = result.get("step", 0), time.time()
-        if step < self.iterations and now - self.last_shown.get(trial.trial_id, self.t0) >= self.progress_every_s:
+        if step < self.iterations and now - self.last_shown.get(trial.trial_id, self.clock.t0) >= self.progress_every_s:
             self.last_shown[trial.trial_id] = now
-            self.printer(f"{self._clock()} eval     {trial.trial_id}  step {step}/{self.iterations}  "
-                         f"{self.metric}={_fmt(result.get(self.metric))}")
+            self.printer(f"{self.clock} eval     {trial.trial_id}  step {step}/{self.iterations}  "
+                         f"{self.metric}={fmt(result.get(self.metric))}")
+
+    def on_step_end(self, iteration, trials, **info):
+        """Heartbeats between evaluations: running trials tag their MLflow run (launch._beat); one query here
+        every `progress_every_s` shows those not heard of for that long."""
+        now = time.time()
+        if self.ctx is None or now - self.last_poll < self.progress_every_s:
+            return
+        self.last_poll = now
+        try:
+            beats = tracking.running_trials_progress(self.ctx.tracking_uri, self.ctx.experiment_id,
+                                                     self.ctx.parent_run_id)
+        except Exception:  # a busy store: the next poll will do
+            return
+        for trial_id, beat in beats.items():
+            quiet = now - self.last_shown.get(trial_id, self.clock.t0) >= self.progress_every_s
+            if beat != self.beats_seen.get(trial_id) and quiet:
+                self.beats_seen[trial_id], self.last_shown[trial_id] = beat, now
+                step, rate = beat.split()
+                self.printer(heartbeat_line(self.clock, trial_id, int(step), self.iterations, float(rate)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, trial_outcome(trial.last_result, self.iterations, error=False))
@@ -200,18 +188,12 @@ class TrialOutcomes(Callback):
         ckpt = getattr(trial, "checkpoint", None)
         location = getattr(ckpt, "path", None) or result.get("checkpoint_path")
         if location:
-            tags["ebm_scale.checkpoint"] = str(location)
+            tags[tracking.CHECKPOINT_TAG] = str(location)
         run_id = tracking.find_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id, trial.trial_id)
         if run_id:
             tracking.end_run(self.ctx.tracking_uri, run_id, outcome, tags)
-        self.printer(f"{self._clock()} {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "
-                     f"{self.metric}={_fmt(result.get(self.metric))}")
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+        self.printer(f"{self.clock} {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "
+                     f"{self.metric}={fmt(result.get(self.metric))}")
 
 
 # --- the sweep ----------------------------------------------------------------------------------------
@@ -244,21 +226,20 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
     run_name = previous or time.strftime("%Y%m%d-%H%M%S")
     sweep_path = f"{sweep_root}/{run_name}"
 
+    preflight(cfg)  # tracking server, a given backbone: before Ray starts
     # Ray's start and MLflow's first open of a fresh SQLite store (schema migrations) take seconds each on a
     # small machine: do them side by side. Only the experiment is created before the resource check; the
-    # sweep's run is created after it, so a sweep rejected there leaves no run behind.
+    # sweep's run is created after it (and after the backbone is ready), so a rejected sweep leaves no run.
     with ThreadPoolExecutor(max_workers=1) as pool:
         store_ready = pool.submit(tracking.ensure_experiment, uri, experiment)
         init_ray()
         concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
         store_ready.result()
+    cfg = _with_backbone(cfg, uri, experiment, sweep_path, printer)
     experiment_id, parent_run_id = tracking.start_sweep_run(uri, experiment, sweep_path, f"sweep-{cfg.name}",
                                                            tracking.provenance_tags())
-    try:
-        cfg = _with_backbone(cfg, uri, parent_run_id, printer)
-    except BaseException:
-        tracking.end_run(uri, parent_run_id, "failed")
-        raise
+    if backbone_kind(cfg) is not None:
+        tracking.set_tags(uri, parent_run_id, {tracking.BACKBONE_TAG: cfg.method.backbone})
     base = to_container(cfg)
     _log_sweep_inputs(uri, parent_run_id, cfg, base, concurrency)
     ctx = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
@@ -284,6 +265,9 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
                 metric=cfg.search.metric, mode=cfg.search.mode, num_samples=cfg.search.num_samples,
                 search_alg=_make_searcher(cfg), scheduler=_make_scheduler(cfg),
                 max_concurrent_trials=concurrency,
+                # One trial process serves trial after trial: no new process, no second import of torch,
+                # MLflow and Hydra (seconds a trial on 2 cores). FunctionTrainable.reset_config supports it.
+                reuse_actors=True,
                 trial_name_creator=lambda t: f"{cfg.method.name}_{t.trial_id}",
                 trial_dirname_creator=lambda t: f"{cfg.method.name}_{t.trial_id}",
             ),
@@ -299,7 +283,7 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
     best_config = best_metrics = None
     if best is not None:
         best_config = {k: v for k, v in (best.config or {}).items()}
-        best_metrics = {k: v for k, v in best.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        best_metrics = {k: v for k, v in best.metrics.items() if _describes_the_model(k, v)}
         best_run_id = tracking.find_trial_run(uri, experiment_id, best.metrics.get("trial_id", ""))
     counts = _outcome_counts(results, cfg)
     figures = _summarize(uri, parent_run_id, cfg, results, best_config, best_metrics, best_run_id, counts, printer)
@@ -308,19 +292,23 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
                        time.perf_counter() - t0, figures)
 
 
-def _with_backbone(cfg: EbmScaleConfig, uri: str, parent_run_id: str, printer: Printer) -> EbmScaleConfig:
+def _describes_the_model(key: str, value) -> bool:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return numeric and (key == "step" or key.startswith(MODEL_METRIC_PREFIXES))
+
+
+def _with_backbone(cfg: EbmScaleConfig, uri: str, experiment: str, sweep_path: str, printer: Printer) -> EbmScaleConfig:
     """Two-stage methods: the backbone every trial shares — given, remembered by a resumed sweep's run, or
-    trained now — checked against the method and data before any trial starts."""
+    trained now — checked against the method and data before the sweep's run is created."""
     if backbone_kind(cfg) is None:
         return cfg
     if not cfg.method.backbone:
-        remembered = tracking._client(uri).get_run(parent_run_id).data.tags.get(tracking.BACKBONE_TAG)
+        previous = tracking.find_sweep_run(uri, experiment, sweep_path)
+        remembered = tracking.get_tag(uri, previous, tracking.BACKBONE_TAG) if previous else None
         if remembered:  # --resume: never pretrain twice
             cfg = copy.deepcopy(cfg)
             cfg.method.backbone = remembered
-    cfg = prepare_backbone(cfg, printer)
-    tracking._client(uri).set_tag(parent_run_id, tracking.BACKBONE_TAG, cfg.method.backbone)
-    return cfg
+    return prepare_backbone(cfg, printer)
 
 
 def _latest_run_dir(sweep_root: str) -> str | None:
@@ -337,9 +325,8 @@ def _latest_run_dir(sweep_root: str) -> str | None:
 
 
 def _log_sweep_inputs(uri: str, run_id: str, cfg: EbmScaleConfig, base: dict, concurrency: int) -> None:
-    client = tracking._client(uri)
-    client.log_text(run_id, yaml.safe_dump(base, sort_keys=False), "config/composed.yaml")
-    client.log_dict(run_id, cfg.search.space, "config/search_space.json")
+    tracking.log_text(uri, run_id, yaml.safe_dump(base, sort_keys=False), "config/composed.yaml")
+    tracking.log_dict(uri, run_id, cfg.search.space, "config/search_space.json")
     params = {k: v for k, v in flatten(base).items() if k not in cfg.search.space}
     params["sweep.max_concurrent_trials"] = concurrency
     try:
@@ -377,31 +364,26 @@ def _best_result(results, cfg: EbmScaleConfig):
 
 def _summarize(uri, parent_run_id, cfg, results, best_config, best_metrics, best_run_id, counts, printer) -> list[str]:
     """Best trial's params/metrics and the sweep's pictures on the parent run."""
-    from mlflow.entities import Metric
-
-    client = tracking._client(uri)
-    for name, n in counts.items():
-        client.log_metric(parent_run_id, f"trials/{name}", n)
+    tracking.log_metrics(uri, parent_run_id, {f"trials/{name}": n for name, n in counts.items()})
     if best_config:
-        for k, v in best_config.items():
-            client.set_tag(parent_run_id, f"best.{k}", str(v))
-        client.set_tag(parent_run_id, "best.run_id", best_run_id or "")
+        tracking.set_tags(uri, parent_run_id, {**{f"best.{k}": str(v) for k, v in best_config.items()},
+                                               "best.run_id": best_run_id or ""})
     if best_metrics:
-        client.log_batch(parent_run_id, metrics=[
-            Metric(f"best/{k}", float(v), int(time.time() * 1000), 0)
-            for k, v in best_metrics.items() if math.isfinite(float(v))])
+        tracking.log_metrics(uri, parent_run_id, {f"best/{k}": v for k, v in best_metrics.items()
+                                                  if math.isfinite(float(v))})
     figures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         from ebm_scale.engine import summary
 
         figures = summary.sweep_figures(cfg, results, tmp, printer)
         for path in figures:
-            client.log_artifact(parent_run_id, path, "summary")
+            tracking.log_artifact(uri, parent_run_id, path, "summary")
         if best_run_id:
             best_png = summary.copy_best_samples(uri, best_run_id, tmp)
             if best_png:
-                client.log_artifact(parent_run_id, best_png, "summary")
+                tracking.log_artifact(uri, parent_run_id, best_png, "summary")
                 figures.append(best_png)
-        client.log_text(parent_run_id, json.dumps({"best_config": best_config, "best_metrics": best_metrics,
-                                                   "counts": counts}, indent=2, default=str), "summary/best.json")
+        tracking.log_text(uri, parent_run_id, json.dumps({"best_config": best_config, "best_metrics": best_metrics,
+                                                          "counts": counts}, indent=2, default=str),
+                          "summary/best.json")
     return [Path(f).name for f in figures]

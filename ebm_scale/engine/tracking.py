@@ -1,4 +1,5 @@
-"""MLflow: one experiment per sweep, a parent run for the sweep, one nested run per trial.
+"""MLflow: one experiment per sweep, a parent run for the sweep, one nested run per trial (and one run per
+`ebm-scale train`). Everything the engine writes to or reads from MLflow goes through the functions here.
 
 Only the driver process of a trial creates or finds its run (idempotently, by the Tune trial id, so a
 retried or resumed trial never gets a second run); rank 0 of that trial logs into it; the sweep process
@@ -11,15 +12,21 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from ebm_scale.engine.outcomes import MLFLOW_STATUS
+from ebm_scale.errors import ConfigError
 
 TRIAL_TAG = "ebm_scale.trial_id"
 SWEEP_TAG = "ebm_scale.sweep_path"
 OUTCOME_TAG = "ebm_scale.outcome"
 KIND_TAG = "ebm_scale.run_kind"
 BACKBONE_TAG = "ebm_scale.backbone"  # the backbone reference a two-stage sweep and its trials stand on
-
-# What happened to a trial → MLflow's run status (MLflow has no 'pruned'/'diverged': the tag says which).
-OUTCOME_STATUS = {"finished": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
+CHECKPOINT_TAG = "ebm_scale.checkpoint"  # where the run's last checkpoint lies
+PROGRESS_TAG = "ebm_scale.progress"  # "<step> <iterations/s>", refreshed by a running trial's heartbeat
+# MLflow 3's UI opens an experiment in its GenAI view (traces, token usage) unless it says it is for
+# training models (the values are the UI's ExperimentKind enum).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 
@@ -30,17 +37,99 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """An http(s) tracking server must answer before anything is launched: a quick connect, one clear line."""
+    import socket
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError("tracking.uri", f"no MLflow server answers at {uri} ({err.strerror or err})") from None
+
+
 def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment (created, or restored when deleted), tagged so MLflow's UI opens on its runs table."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            experiment_id = client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # a concurrent creator won the race
+            exp = client.get_experiment_by_name(name)
     if exp is not None:
+        experiment_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # a concurrent creator won the race
-        return client.get_experiment_by_name(name).experiment_id
+            client.restore_experiment(experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag existed
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
+
+
+def find_experiment(uri: str, name: str) -> str | None:
+    exp = _client(uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else None
+
+
+def create_run(uri: str, experiment_id: str, run_name: str | None = None, tags: dict[str, str] | None = None) -> str:
+    return _client(uri).create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
+
+
+def get_tag(uri: str, run_id: str, key: str) -> str | None:
+    return _client(uri).get_run(run_id).data.tags.get(key)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    if metrics:
+        _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list:
+    return _client(uri).get_metric_history(run_id, key)
+
+
+def log_artifact(uri: str, run_id: str, path: str, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    _client(uri).log_text(run_id, text, artifact_file)
+
+
+def log_dict(uri: str, run_id: str, data: dict, artifact_file: str) -> None:
+    _client(uri).log_dict(run_id, data, artifact_file)
+
+
+def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    return [f.path for f in _client(uri).list_artifacts(run_id, path)]
+
+
+def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str) -> str:
+    import mlflow.artifacts
+
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst,
+                                               tracking_uri=uri)
+
+
+def running_trials_progress(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id → its last heartbeat (PROGRESS_TAG), for the sweep's running trials: one query."""
+    runs = _client(uri).search_runs([experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"), max_results=1000)
+    return {r.data.tags[TRIAL_TAG]: r.data.tags[PROGRESS_TAG] for r in runs
+            if TRIAL_TAG in r.data.tags and PROGRESS_TAG in r.data.tags}
 
 
 def _find_run(uri: str, experiment_id: str, tag: str, value: str):
@@ -57,6 +146,13 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i:i + _MAX_PARAMS_PER_BATCH])
 
 
+def find_sweep_run(uri: str, experiment: str, sweep_path: str) -> str | None:
+    """A sweep's parent run from an earlier start of the same sweep folder (--resume), without creating one."""
+    experiment_id = find_experiment(uri, experiment)
+    run = _find_run(uri, experiment_id, SWEEP_TAG, sweep_path) if experiment_id else None
+    return run.info.run_id if run else None
+
+
 def start_sweep_run(uri: str, experiment: str, sweep_path: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
     """The sweep's parent run (found again on --resume by the sweep's storage path)."""
     experiment_id = ensure_experiment(uri, experiment)
@@ -67,6 +163,14 @@ def start_sweep_run(uri: str, experiment: str, sweep_path: str, run_name: str, t
     run = _client(uri).create_run(experiment_id, run_name=run_name,
                                   tags={SWEEP_TAG: sweep_path, KIND_TAG: "sweep", **tags})
     return experiment_id, run.info.run_id
+
+
+def open_single_run(uri: str, experiment_id: str, run_name: str, params: dict[str, Any],
+                    tags: dict[str, str]) -> str:
+    """An `ebm-scale train` run: like a trial's, without a parent."""
+    run_id = create_run(uri, experiment_id, run_name, {KIND_TAG: "run", OUTCOME_TAG: "running", **tags})
+    log_params(uri, run_id, params)
+    return run_id
 
 
 def open_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
@@ -88,11 +192,8 @@ def find_trial_run(uri: str, experiment_id: str, trial_id: str) -> str | None:
 
 
 def end_run(uri: str, run_id: str, outcome: str, extra_tags: dict[str, str] | None = None) -> None:
-    client = _client(uri)
-    client.set_tag(run_id, OUTCOME_TAG, outcome)
-    for k, v in (extra_tags or {}).items():
-        client.set_tag(run_id, k, v)
-    client.set_terminated(run_id, status=OUTCOME_STATUS[outcome])
+    set_tags(uri, run_id, {OUTCOME_TAG: outcome, **(extra_tags or {})})
+    _client(uri).set_terminated(run_id, status=MLFLOW_STATUS[outcome])
 
 
 class MlflowTracker:
@@ -114,8 +215,7 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(p), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+        set_tags(self.uri, self.run_id, tags)
 
     def flush(self) -> None:
         """Wait until every batch logged so far is in the store. mlflow.flush_async_logging() would not do:
@@ -126,10 +226,12 @@ class MlflowTracker:
 
 def provenance_tags() -> dict[str, str]:
     """Git commit and library versions, so a run can be traced to the code that produced it."""
-    import ray
+    from importlib.metadata import version
+
     import torch
 
-    tags = {"ray_version": ray.__version__, "torch_version": torch.__version__}
+    # Ray's version from its package metadata: `ebm-scale train` in-process never imports Ray.
+    tags = {"ray_version": version("ray"), "torch_version": torch.__version__}
     try:
         root = Path(__file__).resolve().parents[2]
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

@@ -1,7 +1,7 @@
 """Mixing of a trained MCMC model's chains: R̂, ESS and autocorrelation of its long runs, at several start
 dispersions, from a trial's checkpoint (paper 002's contrast: NT-EBM's latent-space HMC vs data-space HMC).
 
-    uv run python benchmarks/mixing.py <checkpoint dir> [--scales 1 2] [--chains 32 --length 1000 --burn-in 200]
+    uv run python experiments/mixing.py <checkpoint dir> [--scales 1 2] [--chains 32 --length 1000 --burn-in 200]
                                        [--reference]
 
 The checkpoint dir is a trial's `checkpoint_*` folder (its path is the trial run's `ebm_scale.checkpoint` tag

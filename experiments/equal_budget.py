@@ -1,12 +1,12 @@
 """Methods compared at the same wall-clock training budget on 2D toy data (issue 4: DiffEBM vs the `mle`
 noisy-Langevin baseline on 8gaussians and the 9-mode grid).
 
-    uv run python benchmarks/equal_budget.py --budget 300 --data 8gaussians grid \
+    uv run python experiments/equal_budget.py --budget 300 --data 8gaussians grid \
         --run diffebm=diffebm_toy --run mle=mle_toy [--seeds 0 1] [--set diffebm:method.eta=0.3]
 
 Each `--run label=sweep` trains that named sweep's config (search dropped, data replaced) in this process,
-single-threaded, until `--budget` seconds of *training* have passed (evaluation excluded), then evaluates
-once with the sweep's eval settings (Sinkhorn n, grid), overridden by `--eval-samples`. Prints one markdown
+through the engine's loop (ebm_scale.experiments), until `--budget` seconds of *training* have passed (the
+loop's steps, evaluation excluded), then evaluates once with the sweep's eval settings (Sinkhorn n, grid), overridden by `--eval-samples`. Prints one markdown
 row per (data, run, seed), and with several seeds their means and a seed-by-seed comparison of the runs;
 writes results.json and samples/density PNGs under --out. `--summarize a/results.json b/results.json`
 prints that summary for earlier runs, pooled.
@@ -23,17 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from ebm_scale.config import compose
-from train_curve import train_in_process  # benchmarks/ is on sys.path when this script runs
+from ebm_scale.experiments import train_in_process
+
+PROGRESS_EVERY = 200  # iterations between progress lines
 
 
-def progress(budget: float):
-    def show(step: int, trained: float, out: dict) -> None:
-        if step % 200 == 0:
-            print(f"    {step} iterations, {trained:.0f}/{budget:.0f} s, loss {float(out['loss']):.3f}", flush=True)
-    return show
+def budget_spent(budget: float):
+    """done(step, trained) for train_in_process: the budget, with a progress line every PROGRESS_EVERY steps."""
+    def done(step: int, trained: float) -> bool:
+        if step % PROGRESS_EVERY == 0:
+            print(f"    {step} iterations, {trained:.0f}/{budget:.0f} s", flush=True)
+        return trained >= budget
+    return done
 
 
 def main() -> None:
@@ -54,7 +56,6 @@ def main() -> None:
         return
     if not args.run:
         ap.error("give at least one --run label=sweep (or --summarize)")
-    torch.set_num_threads(1)
     out = Path(args.out or tempfile.mkdtemp(prefix="ebm_scale_budget_"))
     runs = dict(r.split("=", 1) for r in args.run)
     overrides = {label: [] for label in runs}
@@ -69,12 +70,11 @@ def main() -> None:
         for label, sweep in runs.items():
             for seed in args.seeds:
                 cfg = compose(sweep, [f"data={data}", f"seed={seed}", f"eval.n_samples={args.eval_samples}"]
-                              + overrides[label])
+                              + overrides[label], single_run=True)
                 print(f"  {label} ({sweep}) on {data}, seed {seed}: training {args.budget:.0f} s", flush=True)
                 clock = time.process_time if args.clock == "cpu" else time.perf_counter
-                result = train_in_process(cfg, seed, out / f"{data}_{label}_{seed}", clock=clock,
-                                          done=lambda _, trained: trained >= args.budget,
-                                          on_progress=progress(args.budget))
+                result = train_in_process(cfg, out / f"{data}_{label}_{seed}", clock=clock,
+                                          done=budget_spent(args.budget))
                 rows.append({"data": data, "run": label, "sweep": sweep, "seed": seed, **result})
                 ll = result.get("eval/test_ll/ebm", float("nan"))
                 print(f"| {data} | {label} | {seed} | {result['iterations']} | {result['eval/sinkhorn']:.3f} "

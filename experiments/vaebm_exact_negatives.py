@@ -1,7 +1,7 @@
 """What VAEBM's energy reaches when its negatives are (nearly) exact samples of the model: a diagnostic that
 separates "the energy cannot represent the correction" from "the sampler cannot follow the energy".
 
-    uv run python benchmarks/vaebm_exact_negatives.py 3000 vaebm_toy method.backbone=<vae backbone.pt> \
+    uv run python experiments/vaebm_exact_negatives.py 3000 vaebm_toy method.backbone=<vae backbone.pt> \
         [--every 500] [--pool 8192] [--out DIR]
 
 Each iteration draws `--pool` fresh VAE samples x = T(ε), weights them by exp(−E(x)) and resamples a batch:

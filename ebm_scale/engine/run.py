@@ -1,0 +1,237 @@
+"""One training run without Tune: `ebm-scale train`, stage-1 backbone pretraining.
+
+num_workers == 0: `loop.train` in this process — no Ray started, none imported.
+num_workers >= 1: the TorchTrainer job launched directly (local Ray, or the cluster in RAY_ADDRESS).
+Either way the run is recorded in MLflow as a sweep's trial is (every config value a param, the same
+metrics and pictures, the outcome tag and status, the checkpoint tag, provenance tags), and what the
+cluster must offer (tracking server, resources, backbone) is checked before the run is created.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ebm_scale.config import EbmScaleConfig, flatten, to_container
+from ebm_scale.data import load_dataset
+from ebm_scale.engine import tracking
+from ebm_scale.engine.backbones import backbone_kind, resolve_backbone, stage1_config
+from ebm_scale.engine.loop import train
+from ebm_scale.engine.outcomes import trial_outcome
+from ebm_scale.engine.progress import HEARTBEAT_S, Clock, Printer, fmt, heartbeat_line
+from ebm_scale.methods.backbone import check_backbone
+
+CHECKPOINTS_KEPT = 2  # as many as a sweep's trial keeps (its CheckpointConfig)
+
+
+@dataclass
+class RunResult:
+    experiment: str
+    run_id: str
+    tracking_uri: str
+    outcome: str
+    metrics: dict
+    checkpoint: str | None
+    seconds: float
+
+
+class LocalSession:
+    """The in-process run's session: prints each evaluation and a heartbeat, keeps the last checkpoints
+    under the run's folder (storage.path/<name>/<run>/), restores nothing (a fresh run)."""
+
+    rank, world_size, local_rank = 0, 1, 0
+    heartbeat_s = HEARTBEAT_S
+
+    def __init__(self, tracker, run_dir: str, cfg: EbmScaleConfig, printer: Printer):
+        self.tracker, self.run_dir, self.printer = tracker, run_dir.rstrip("/"), printer
+        self.iterations, self.metric = cfg.train.iterations, cfg.search.metric
+        self.clock = Clock()
+        self.last: dict = {}
+        self.checkpoints: list[str] = []
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        self.last = dict(metrics)
+        if checkpoint_dir:
+            self._keep(checkpoint_dir, f"{self.run_dir}/checkpoint_{int(metrics['step']):06d}")
+        if not metrics.get("diverged"):
+            self.printer(f"{self.clock} eval     step {metrics['step']}/{self.iterations}  "
+                         f"{self.metric}={fmt(metrics.get(self.metric))}")
+
+    def restore(self) -> dict | None:
+        return None
+
+    def heartbeat(self, step: int, iters_per_s: float) -> None:
+        self.printer(heartbeat_line(self.clock, "", step, self.iterations, iters_per_s))
+
+    def _keep(self, local_dir: str, target: str) -> None:
+        copy_dir(local_dir, target)
+        self.checkpoints.append(target)
+        while len(self.checkpoints) > CHECKPOINTS_KEPT:
+            remove_dir(self.checkpoints.pop(0))
+
+
+def _fs(uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else "file://" + uri)
+
+
+def copy_dir(local_dir: str, target: str) -> None:
+    """A local folder to `target` on local disk or any pyarrow filesystem (s3://...)."""
+    import pyarrow.fs
+
+    fs, path = _fs(target)
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(local_dir, path, destination_filesystem=fs)
+
+
+def remove_dir(target: str) -> None:
+    fs, path = _fs(target)
+    fs.delete_dir(path)
+
+
+# --- two-stage methods: the backbone --------------------------------------------------------------------
+
+def check_given_backbone(cfg: EbmScaleConfig) -> None:
+    """A given backbone must exist and fit the method and the data (ConfigError on `method.backbone`)."""
+    kind = backbone_kind(cfg)
+    if kind is not None and cfg.method.backbone:
+        shape = load_dataset(cfg.data, cfg.seed).spec.shape
+        check_backbone(resolve_backbone(cfg.method.backbone, cfg.tracking.resolved_uri()), kind, shape)
+
+
+def prepare_backbone(cfg: EbmScaleConfig, printer: Printer = print) -> EbmScaleConfig:
+    """Before any run of a two-stage method: pretrain when no backbone is given, then check the backbone fits
+    the method and the data. Returns the config the runs get (with `method.backbone` filled in)."""
+    kind = backbone_kind(cfg)
+    if kind is None:
+        return cfg
+    if not cfg.method.backbone:
+        cfg = copy.deepcopy(cfg)
+        cfg.method.backbone = pretrain_backbone(cfg, printer)
+    check_given_backbone(cfg)
+    printer(f"backbone ({kind}): {cfg.method.backbone}")
+    return cfg
+
+
+def pretrain_backbone(cfg: EbmScaleConfig, printer: Printer = print) -> str:
+    """Train `cfg`'s stage-1 backbone as one run of its own (same MLflow experiment); its reference."""
+    stage1 = stage1_config(cfg)
+    printer(f"no method.backbone given: training the {stage1.method.name} backbone first "
+            f"({stage1.train.iterations} iterations, its own MLflow run)")
+    result = run_single(stage1, printer=lambda line: printer("  [backbone] " + line))
+    if result.outcome != "finished":
+        raise RuntimeError(f"pretraining the backbone {result.outcome} (MLflow experiment {result.experiment!r}, "
+                           f"run {result.run_id}); see that run for the error")
+    return f"runs:/{result.run_id}/backbone"
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+def preflight(cfg: EbmScaleConfig) -> None:
+    """What can fail before anything is recorded: the tracking server, a given backbone."""
+    tracking.check_reachable(cfg.tracking.resolved_uri())
+    check_given_backbone(cfg)
+
+
+def run_single(cfg: EbmScaleConfig, printer: Printer = print) -> RunResult:
+    t0 = time.perf_counter()
+    uri = cfg.tracking.resolved_uri()
+    preflight(cfg)
+    if cfg.scaling.num_workers > 0:
+        _join_cluster(cfg)
+    cfg = prepare_backbone(cfg, printer)
+    experiment = cfg.tracking.experiment or cfg.name
+    run_dir = f"{cfg.storage.resolved_path().rstrip('/')}/{cfg.name}/{time.strftime('%Y%m%d-%H%M%S')}"
+    where = "in this process" if cfg.scaling.num_workers == 0 else f"{cfg.scaling.num_workers}-worker TorchTrainer"
+    printer(f"train {cfg.name}: {cfg.method.name} on {cfg.data.name}, {cfg.train.iterations} iterations ({where})")
+    # Opening the run (importing MLflow, a fresh SQLite store's migrations: seconds) goes on beside building
+    # the data and the model; the loop's first log waits for it.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(_open_run, cfg, uri, experiment, run_dir)
+        try:
+            if cfg.scaling.num_workers == 0:
+                metrics, checkpoint, error = _in_process(cfg, uri, opening, run_dir, printer)
+            else:
+                experiment_id, run_id = opening.result()
+                metrics, checkpoint, error = _torch_trainer(cfg, uri, experiment_id, run_id, run_dir)
+        except BaseException:  # Ctrl-C: the run ends as failed, not RUNNING forever
+            tracking.end_run(uri, opening.result()[1], "failed")
+            raise
+    _, run_id = opening.result()
+    outcome = trial_outcome(metrics, cfg.train.iterations, error is not None)
+    tracking.end_run(uri, run_id, outcome, {tracking.CHECKPOINT_TAG: checkpoint} if checkpoint else None)
+    if error is not None:
+        printer(f"failed: {type(error).__name__}: {error}")
+    return RunResult(experiment, run_id, uri, outcome, metrics, checkpoint, time.perf_counter() - t0)
+
+
+def _open_run(cfg: EbmScaleConfig, uri: str, experiment: str, run_dir: str) -> tuple[str, str]:
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    tags = {**tracking.provenance_tags(), tracking.SWEEP_TAG: run_dir}
+    if backbone_kind(cfg) is not None:
+        tags[tracking.BACKBONE_TAG] = cfg.method.backbone
+    run_id = tracking.open_single_run(uri, experiment_id, f"train-{cfg.name}", flatten(to_container(cfg)), tags)
+    return experiment_id, run_id
+
+
+class PendingTracker:
+    """The tracker of a run still being opened: its first call waits for the run, then logs as usual."""
+
+    def __init__(self, uri: str, opening: Future, async_logging: bool):
+        self.uri, self.opening, self.async_logging = uri, opening, async_logging
+        self._tracker = None
+
+    def _ready(self) -> tracking.MlflowTracker:
+        if self._tracker is None:
+            self._tracker = tracking.MlflowTracker(self.uri, self.opening.result()[1], self.async_logging)
+        return self._tracker
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._ready().log_metrics(metrics, step)
+
+    def log_artifacts(self, paths: list, artifact_path: str) -> None:
+        self._ready().log_artifacts(paths, artifact_path)
+
+    def flush(self) -> None:
+        self._ready().flush()
+
+
+def _join_cluster(cfg: EbmScaleConfig) -> None:
+    """Workers need Ray; the job's workers (no Tune driver here) must fit the cluster."""
+    import ray
+
+    from ebm_scale.engine.launch import how_many_fit, init_ray
+
+    init_ray()
+    need = dict(cfg.scaling.trial_resources())
+    need["CPU"] -= cfg.scaling.driver_cpus
+    how_many_fit(cfg, ray.cluster_resources(), need)
+
+
+def _in_process(cfg, uri, opening: Future, run_dir, printer):
+    tracker = PendingTracker(uri, opening, cfg.tracking.async_logging)
+    session = LocalSession(tracker, run_dir, cfg, printer)
+    error = None
+    try:
+        train(cfg, session)
+    except Exception as err:  # recorded as the run's outcome, as a trial's exception is
+        error = err
+    finally:
+        tracker.flush()
+    return session.last, (session.checkpoints[-1] if session.checkpoints else None), error
+
+
+def _torch_trainer(cfg, uri, experiment_id, run_id, run_dir):
+    from ebm_scale.engine.launch import TrialContext, torch_trainer
+
+    context = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id="", storage_path=run_dir,
+                           async_logging=cfg.tracking.async_logging)
+    try:
+        result = torch_trainer(cfg, f"train-{run_id}", run_id, context, []).fit()
+    except Exception as err:  # Train V2 raises TrainingFailedError once its retries are spent
+        return {}, None, err
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return result.metrics or {}, checkpoint, result.error
+
