@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 from ebm_scale.diffusion import (
-    VPSDE, DiscreteVPSchedule, denoising_score_matching, log_variance, path_log_rnd, running_cost,
-    simulate_generative, time_points, vp_sigma2,
+    VPSDE,
+    DiscreteVPSchedule,
+    denoising_score_matching,
+    log_variance,
+    path_log_rnd,
+    running_cost,
+    simulate_generative,
+    time_points,
+    vp_sigma2,
 )
 from ebm_scale.errors import ConfigError
 
@@ -70,7 +77,8 @@ def test_posterior_sample_with_a_variance_floor():
     three = torch.full((n,), 3)
     assert float(sched.posterior_var[3]) > 0.04
     noise = torch.randn(n, 2)
-    assert torch.equal(sched.posterior_sample(x0, x_t, three, noise), sched.posterior_sample(x0, x_t, three, noise, 0.04))
+    floored_wide = sched.posterior_sample(x0, x_t, three, noise, 0.04)
+    assert torch.equal(sched.posterior_sample(x0, x_t, three, noise), floored_wide)
 
 
 def test_forward_pairs_have_the_right_joint_statistics():

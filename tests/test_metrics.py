@@ -7,7 +7,6 @@ import torch
 from ebm_scale.data import DataConfig, load_dataset
 from ebm_scale.data.toy import TOY_DATASETS
 from ebm_scale.errors import ConfigError
-from ebm_scale.metrics.toy import mode_sample_metrics
 from ebm_scale.metrics import (
     SINKHORN_COSTS,
     EvalConfig,
@@ -17,6 +16,7 @@ from ebm_scale.metrics import (
     quadrature_log_likelihoods,
     sinkhorn_distance,
 )
+from ebm_scale.metrics.toy import mode_sample_metrics
 
 MIXTURES = ["8gaussians", "25gaussians", "grid"]
 
@@ -82,7 +82,8 @@ def test_split_by_mode_tells_misweighted_modes_from_misshapen_ones(weights, std,
     truth = _mixture_log_prob(means, 0.1, torch.full((4,), 0.25, dtype=torch.float64))
     model = _mixture_log_prob(means, std, torch.tensor(weights, dtype=torch.float64))
     gen = torch.Generator().manual_seed(0)
-    x = means[torch.randint(4, (20000,), generator=gen)] + 0.1 * torch.randn(20000, 2, dtype=torch.float64, generator=gen)
+    centres = means[torch.randint(4, (20000,), generator=gen)]  # the centres, then the noise
+    x = centres + 0.1 * torch.randn(20000, 2, dtype=torch.float64, generator=gen)
     bounds = (-3.0, 3.0)
     reports, _ = quadrature_log_likelihoods(lambda p: {"truth": truth(p), "model": model(p)}, x, bounds, 240,
                                             modes=means, no_grad=True)
@@ -250,7 +251,8 @@ def test_mode_sample_metrics_see_broad_modes_stray_samples_and_missing_modes():
     g = torch.Generator().manual_seed(5)
     exact = mode_sample_metrics(mixture.sample(4000, g), data.test, data.modes)
     assert exact["eval/samples/spread"] == pytest.approx(1.0, abs=0.1)
-    assert exact["eval/samples/off_mode"] == pytest.approx(0.01, abs=0.01) and exact["eval/samples/modes_covered"] == 1.0
+    assert exact["eval/samples/off_mode"] == pytest.approx(0.01, abs=0.01)
+    assert exact["eval/samples/modes_covered"] == 1.0
     # every mode twice as wide: squared distances ×4, and far more samples past the data's 99th percentile
     component = torch.randint(len(data.modes), (4000,), generator=g)
     wide = data.modes[component] + 2 * (0.5 / 1.414) * torch.randn(4000, 2, generator=g)  # 8gaussians: std 0.5/1.414

@@ -40,7 +40,8 @@ def test_one_step_reports_finite_detached_scalars(kind, generator_weight, energy
     method = build_method(cfg, SPEC, "cpu")
     out = method.train_step(two_modes(64))
     # A weighted term is reported exactly when its weight is on.
-    expected = METRIC_KEYS | ({"loss/generator"} if generator_weight else set()) | ({"loss/energy_reg"} if energy_reg else set())
+    expected = (METRIC_KEYS | ({"loss/generator"} if generator_weight else set())
+                | ({"loss/energy_reg"} if energy_reg else set()))
     assert set(out) == expected
     for key, value in out.items():
         assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), key
@@ -61,7 +62,7 @@ def test_paper_default_step_runs():
     before = [p.detach().clone() for p in method.energy.parameters()]
     out = method.train_step(two_modes(256))
     assert set(out) == METRIC_KEYS and all(torch.isfinite(v) for v in out.values())
-    assert any(not torch.equal(a, b) for a, b in zip(before, method.energy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.energy.parameters(), strict=True))
 
 
 def test_sample_and_log_density():
@@ -164,12 +165,13 @@ def test_state_dict_round_trip_reproduces_next_step(init):
     got = resumed.train_step(batch)
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
-    assert all(torch.equal(a, b) for a, b in zip(resumed.energy.parameters(), expected_params))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.energy.parameters(), expected_params, strict=True))
 
 
 def test_short_training_moves_samples_onto_the_modes():
     torch.manual_seed(0)
-    cfg = MleConfig(energy=MLPConfig(hidden=64, layers=3), sampler=MleSamplerConfig(kind="euler", steps=20, step_size=0.1),
+    cfg = MleConfig(energy=MLPConfig(hidden=64, layers=3),
+                    sampler=MleSamplerConfig(kind="euler", steps=20, step_size=0.1),
                     optim=OptimConfig(lr=2e-3))
     method = build_method(cfg, SPEC, "cpu")
     modes = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])

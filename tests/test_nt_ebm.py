@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from method_checks import assert_continues_exactly
 
 from ebm_scale.methods import DataSpec, build_method
 from ebm_scale.methods.backbone import backbone_state, save_backbone
 from ebm_scale.methods.nt_ebm import NtEbmConfig, NtEbmSamplerConfig
 from ebm_scale.nets.energy import EnergyNetConfig
 from ebm_scale.nets.flow import Flow, FlowConfig
-from method_checks import assert_continues_exactly
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
@@ -74,7 +74,7 @@ def test_nce_loss_is_the_logistic_loss_with_data_one_and_noise_zero(tmp_path):
     assert torch.allclose(out["loss/nce_noise"], ref_noise.detach(), atol=1e-6)
     expected = torch.autograd.grad(ref_data + ref_noise, [bias, *energy.parameters()])
     got = [method.networks["nce_bias"].b.grad, *(p.grad for p in method.energy.parameters())]
-    for g, e in zip(got, expected):  # Adam has stepped; .grad still holds this step's gradient
+    for g, e in zip(got, expected, strict=True):  # Adam has stepped; .grad still holds this step's gradient
         assert torch.allclose(g, e, rtol=1e-4, atol=1e-7)
 
 
