@@ -24,7 +24,8 @@ CFG = SimpleNamespace(
 
 
 def _results(finished: int, pruned: int, failed: int = 1):
-    """Trials that ran 300 iterations, trials stopped at step 50 by ASHA, and failed ones (no value)."""
+    """Trials stopped at step 50 by ASHA (first, as Tune may list them), trials that ran 300 iterations, and
+    failed ones (no value)."""
     rng = np.random.default_rng(0)
     results = []
     for i in range(finished + pruned + failed):
@@ -34,7 +35,7 @@ def _results(finished: int, pruned: int, failed: int = 1):
             "method.sampler.noise_scale": float(rng.choice([0.0, 0.01, 0.1])),
             "method.loss.generator_weight": float(rng.uniform()),
         }
-        last = 300 if i < finished else 50
+        last = 50 if i < pruned else 300
         steps = list(range(50, last + 1, 50))
         values = [1.0 + i + 1 / s for s in steps]
         failed_trial = i >= finished + pruned
@@ -72,7 +73,7 @@ def test_parallel_coordinates_draw_pruned_trials_apart_with_distinct_axis_names(
         line.get_linestyle() for line in stopped
     }
     # the objective axis (log-scaled for a Sinkhorn) holds each trial's last value, a pruned one's at step 50
-    values = np.log10([1 + i + 1 / (300 if i < 3 else 50) for i in range(8)])
+    values = np.log10([1 + i + 1 / (50 if i < 5 else 300) for i in range(8)])
     expected = (values - values.min()) / (values.max() - values.min())
     assert sorted(line.get_ydata()[-1] for line in lines) == pytest.approx(sorted(expected))
     labels = [t.get_text() for t in ax.get_xticklabels()]
