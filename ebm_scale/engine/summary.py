@@ -37,7 +37,7 @@ def study_from_results(cfg, results):
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from ebm_scale.engine.sweep import trial_outcome
+    from ebm_scale.engine.outcomes import trial_outcome
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize" if cfg.search.mode == "min" else "maximize")
@@ -64,7 +64,7 @@ def study_from_results(cfg, results):
 
 
 def learning_curves(cfg, results, path: Path) -> Path:
-    from ebm_scale.engine.sweep import trial_outcome
+    from ebm_scale.engine.outcomes import trial_outcome
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     seen = set()
