@@ -138,9 +138,9 @@ def plot_parallel_coordinates(
     title: str | None = None,
 ) -> Path:
     """One line per trial through its parameters (`axes`) to its value (the last axis), coloured by value.
-    Lines of the first group to appear in `groups` are solid, the other groups' dashed or dotted (legend: each group and
-    its count); better lines are drawn on top, the best one thicker. Axis names are shortened to the fewest
-    trailing dotted parts (at least two) that keep them distinct, and slanted so long ones stay readable."""
+    Lines of the first group to appear in `groups` are solid, the other groups' dashed or dotted (legend: each
+    group and its count); better lines are drawn on top, the best one thicker. Axis names are shortened to the
+    fewest trailing dotted parts (at least two) that keep them distinct, and slanted so long ones stay readable."""
     values = np.asarray(values, dtype=np.float64)
     if not len(values):
         raise ValueError("plot_parallel_coordinates needs at least one line")
