@@ -204,7 +204,7 @@ def main() -> None:
         medians: dict[str, list[float]] = {"charged": [], "queued": []}
         engine_all, queued_all, bare_all = [], [], []
         for r in range(runs):
-            run_id = tracking._client(uri).create_run(exp).info.run_id
+            run_id = tracking.create_run(uri, exp)
             engine, queued, bare = interleaved_run(pairs, uri, run_id)
             for key, chunks in (("charged", engine), ("queued", queued)):
                 medians[key].append(statistics.median(e / b for e, b in zip(chunks, bare)))

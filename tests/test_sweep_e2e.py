@@ -1,5 +1,6 @@
 """End to end on a real local Ray and a real MLflow store (SQLite): sweeps, TorchTrainer trials, resume
-after a crash, divergence. Everything below runs the same code path as `ebm-scale sweep`."""
+after a crash, divergence, and `ebm-scale train` on a TorchTrainer. Everything below runs the same code path
+as `ebm-scale sweep` / `ebm-scale train`."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from ebm_scale.cli import main
 from ebm_scale.config import compose
 from ebm_scale.engine.sweep import run_sweep
-from ebm_scale.engine.tracking import KIND_TAG, OUTCOME_TAG, TRIAL_TAG
+from ebm_scale.engine.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KIND_TAG, OUTCOME_TAG, TRIAL_TAG
 
 TINY = [  # small enough that a trial trains in a second or two
     "method.energy.hidden=32", "method.energy.layers=3", "method.sampler.steps=5", "method.sampler.kind=euler",
@@ -54,6 +55,10 @@ def test_two_trial_sweep_is_recorded_in_mlflow(tmp_path):
                    {f.path for f in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"config/composed.yaml", "summary/learning_curves.png", "summary/best.json"} <= parent_files
     assert any(k.startswith("best/eval/sinkhorn") for k in parent.data.metrics)
+    # Only what describes the model and the run: no Tune bookkeeping (pid, timestamps, iterations, hosts).
+    best = [k for k in parent.data.metrics if k.startswith("best/")]
+    assert best and all(k == "best/step" or k.startswith(("best/train/", "best/eval/")) for k in best), best
+    assert client.get_experiment_by_name(result.experiment).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
 
     children = _children(client, result)
     assert len(children) == 2
@@ -145,11 +150,12 @@ def test_two_stage_sweep_trains_the_backbone_once_and_every_trial_refers_to_it(t
     runs = client.search_runs([exp.experiment_id])
     sweeps = [r for r in runs if r.data.tags[KIND_TAG] == "sweep"]
     trials = [r for r in runs if r.data.tags[KIND_TAG] == "trial"]
-    # One stage-1 sweep with its one flow trial, plus the nt_ebm sweep with its two trials, in one experiment.
-    assert sorted(r.info.run_name for r in sweeps) == ["sweep-two_stage", "sweep-two_stage_backbone"]
-    flow_trials = [r for r in trials if r.data.params["method.name"] == "flow"]
+    # One stage-1 run (the single-run path, no Tune) plus the nt_ebm sweep with its two trials, in one experiment.
+    assert [r.info.run_name for r in sweeps] == ["sweep-two_stage"]
+    flow_trials = [r for r in runs if r.data.tags[KIND_TAG] == "run"]
     ebm_trials = [r for r in trials if r.data.params["method.name"] == "nt_ebm"]
-    assert len(flow_trials) == 1 and len(ebm_trials) == 2
+    assert len(flow_trials) == 1 and flow_trials[0].data.params["method.name"] == "flow" and len(ebm_trials) == 2
+    assert flow_trials[0].info.status == "FINISHED" and flow_trials[0].data.tags[OUTCOME_TAG] == "finished"
     reference = f"runs:/{flow_trials[0].info.run_id}/backbone"
     assert [a.path for a in client.list_artifacts(flow_trials[0].info.run_id, "backbone")] == ["backbone/backbone.pt"]
     assert client.get_run(result.parent_run_id).data.tags[BACKBONE_TAG] == reference
@@ -208,8 +214,31 @@ def test_cli_rejects_a_backbone_of_the_wrong_kind_before_any_trial(capsys, tmp_p
     err = capsys.readouterr().err
     assert "method.backbone" in err and "'flow' backbone" in err and "needs a 'vae'" in err
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert runs and all(r.info.status == "FAILED" for r in runs)  # the sweep's run is closed, no trial started
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # checked before any run
+
+
+def test_cli_train_with_workers_runs_a_torch_trainer_without_tune(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = main(["train", "method=mle", "data=8gaussians", *TINY, "scaling=cpu2", "train.iterations=10",
+                 "train.eval_every=5", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs"])
+    assert code == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags[KIND_TAG] == "run" and run.data.tags[OUTCOME_TAG] == "finished"
+    assert run.info.status == "FINISHED" and run.data.params["scaling.num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/sinkhorn")] == [5, 10]
+    assert "train_runs" in run.data.tags["ebm_scale.checkpoint"]
+    assert {"plots/samples_000010.png"} <= {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+
+
+def test_cli_names_use_gpu_when_the_cluster_has_no_gpu(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "quickstart", "scaling=gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "scaling.use_gpu" in err and "0 GPU" in err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # checked before any run
 
 
 @pytest.mark.parametrize("sweep,tiny", [
