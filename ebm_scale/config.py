@@ -48,6 +48,9 @@ class TrainConfig(Config):
     log_every: int = knob(50, ge=1)      # metrics to MLflow (batched, asynchronous) every this many iterations
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), noun="device")
     threads: int = knob(1, ge=1)         # torch intra-op threads per process: concurrent trials share the cores
+    # Methods that skip non-finite optimizer steps (paper 004): this many skipped iterations in a row end the
+    # run as diverged, so a run that cannot recover stops instead of skipping forever.
+    max_consecutive_skips: int = knob(50, ge=1)
 
 
 @dataclass

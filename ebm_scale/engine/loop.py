@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ebm_scale.config import EbmScaleConfig, to_container
 from ebm_scale.data import load_dataset
+from ebm_scale.engine.skips import SkippedSteps
 from ebm_scale.engine.state import (evaluation_rng, gather_to_rank0, rng_state, save_state, seed_everything,
                                     set_rng_state)
 from ebm_scale.methods import build_method
@@ -83,6 +84,9 @@ class MetricAccumulator:
         if not self.steps:
             return {}
         keys = list(dict.fromkeys(k for m in self.steps for k in m))  # first-seen order
+        if not keys:  # every step since the last pop was skipped and reported nothing finite
+            self.steps = []
+            return {}
         means = torch.stack([torch.stack([m[k].float() for m in self.steps if k in m]).mean() for k in keys])
         self.steps = []
         return dict(zip(keys, means.tolist()))
@@ -119,6 +123,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
     batch_rng = torch.Generator().manual_seed(cfg.seed * 7919 + session.rank)
     train_x = data.train.to(device)
 
+    skips = SkippedSteps(cfg.train.max_consecutive_skips)
     start, restored = 0, session.restore()
     if restored is not None:
         method.load_state_dict(restored["method"])
@@ -129,6 +134,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
             set_rng_state(mine["rng"])
             batch_rng.set_state(mine["batch_rng"])
             method.load_extra_state(mine["extra"])
+            skips.load_state_dict(mine.get("skips"))
         if session.tracker is not None:
             session.tracker.log_metrics({"resumed_from_step": float(start)}, start)
 
@@ -145,7 +151,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
         _debug_faults(cfg, method, step, restored is not None)
         idx = torch.randint(len(train_x), (cfg.train.batch_size,), generator=batch_rng).to(device)
         try:
-            accumulator.add(method.train_step(train_x[idx]))
+            accumulator.add(skips.observe(method, method.train_step(train_x[idx])))
         except (AssertionError, RuntimeError) as err:
             # An adaptive ODE solver meeting NaNs fails with "underflow in dt" rather than returning NaN:
             # that is divergence too, but only when the weights really went non-finite.
@@ -158,7 +164,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
         is_eval = step % cfg.train.eval_every == 0 or final
         if step % cfg.train.log_every == 0 or is_eval:
             n_steps = accumulator.count
-            last_train = {f"train/{k}": v for k, v in accumulator.pop().items()}
+            last_train = {f"train/{k}": v for k, v in accumulator.pop().items()} | skips.metrics(method)
             if not _all_finite(last_train, session.world_size):
                 return _end_diverged(cfg, session, step, last_train, last_eval)
             now = time.perf_counter()
@@ -171,7 +177,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
                     steps.append(step), values.append(last_train[f"train/{key}"])
 
         if is_eval:
-            last_eval = _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train, curves,
+            last_eval = _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, skips, last_train, curves,
                                                  final)
             t_log = time.perf_counter()  # evaluation time is not training time
             heartbeat.reset(step)
@@ -200,7 +206,7 @@ class Heartbeat:
             self.reset(step)
 
 
-def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_train, curves, final) -> dict:
+def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, skips, last_train, curves, final) -> dict:
     with tempfile.TemporaryDirectory(prefix="ebm_scale_ckpt_") as tmp:
         metrics: dict[str, float] = {"step": step, "diverged": 0}
         artifacts: list = []
@@ -220,7 +226,8 @@ def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, last_t
             metrics.update(last_train)
         # Evaluation drew from its own streams (evaluation_rng), so these are the training streams as the
         # next step finds them: a resumed run continues exactly. Every rank's own state is kept.
-        per_rank = gather_to_rank0({"rng": rng_state(), "batch_rng": batch_rng.get_state(), "extra": method.extra_state()})
+        per_rank = gather_to_rank0({"rng": rng_state(), "batch_rng": batch_rng.get_state(), "extra": method.extra_state(),
+                                    "skips": skips.state_dict()})
         eval_only = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         checkpoint_dir = None
         if session.rank == 0:

@@ -72,6 +72,10 @@ class Method(abc.ABC):
     # T generator steps, or the SDE's steps); logged as eval/nfe. None = not a fixed number. A method may
     # override it with a property computed from its config.
     nfe: int | None = None
+    # Paper 004: an optimizer step whose loss is not finite is skipped, not taken, so one overflowing batch
+    # cannot poison the weights. `optimizer_step` then returns None and names the optimizer in
+    # `skipped_steps`; the engine counts skips and ends a run that keeps skipping as diverged.
+    skip_nonfinite: ClassVar[bool] = False
 
     @classmethod
     def backbone_method_config(cls, cfg: Any) -> Any:
@@ -86,6 +90,7 @@ class Method(abc.ABC):
         self.device = torch.device(device)
         self.networks: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.skipped_steps: list[str] = []  # optimizers that skipped a step since the engine last looked
 
     # --- what each method implements -------------------------------------------------------------
     @abc.abstractmethod
@@ -147,14 +152,18 @@ class Method(abc.ABC):
                     dist.broadcast(t.data, src=0)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                       settings: OptimConfig | None = None) -> torch.Tensor:
-        """zero_grad → backward → average gradients over ranks → clip (per `settings`) → step. Returns the pre-clip grad norm.
+                       settings: OptimConfig | None = None) -> torch.Tensor | None:
+        """zero_grad → backward → average gradients over ranks → clip (per `settings`) → step. Returns the
+        pre-clip grad norm, or None for a step skipped under `skip_nonfinite`.
 
         Data parallelism is done here, with one bucketed all-reduce of the gradients, rather than by
         wrapping networks in DistributedDataParallel: EBM samplers call the energy many times per step and
         differentiate through those calls (create_graph=True), which DDP's forward/backward hooks do not
         support. The arithmetic is the same as DDP's (mean of per-rank gradients).
         """
+        if self.skip_nonfinite and not _finite_on_every_rank(loss):
+            self.skipped_steps.append(next(k for k, o in self.optimizers.items() if o is optimizer))
+            return None
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -193,6 +202,15 @@ def _clip_to_adam_std(optimizer: torch.optim.Optimizer, k: float) -> None:
             step = float(state["step"])
             bound = state["exp_avg_sq"].div(1 - beta2 ** step).sqrt_().mul_(k).add_(0.1)
             torch.maximum(torch.minimum(p.grad, bound), -bound, out=p.grad)
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """One host sync per step (only for skip_nonfinite methods). Under DDP every rank must skip together, or
+    the ranks that step would wait forever in the gradient all-reduce."""
+    ok = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if _world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
 
 
 def _world_size() -> int:

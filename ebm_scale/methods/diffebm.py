@@ -10,7 +10,8 @@ current control *detached* (no backpropagation through the solver):
 with A = Σ u·(u_ref − ½u)·Δs + u·ΔW the running cost of the log Radon–Nikodym derivative (diffusion/losses.py).
 Both log-variance terms use the same path; the energy's negatives Y_1 are that path's end points, drawn from
 the control as it was at the start of the iteration (one optimizer step stale), which saves simulating twice.
-A step whose loss is not finite is skipped (paper 004) and counted in `skipped/control`, `skipped/energy`.
+A step whose loss is not finite is skipped (paper 004: `skip_nonfinite`); the engine counts the skips
+(`train/skipped/control`, `train/skipped/energy`) and ends a run that keeps skipping as diverged.
 """
 from __future__ import annotations
 
@@ -25,9 +26,6 @@ from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_control
 from ebm_scale.nets.ema import WeightAverages
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
-
-
-MAX_CONSECUTIVE_SKIPS = 50  # skipped iterations in a row before the run is reported as diverged
 
 
 @dataclass
@@ -66,6 +64,7 @@ class DiffebmConfig(Config):
 class Diffebm(Method):
     name = "diffebm"
     config_class = DiffebmConfig
+    skip_nonfinite = True
 
     def __init__(self, cfg: DiffebmConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
@@ -75,8 +74,6 @@ class Diffebm(Method):
         self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
         self.optimizers["control"] = cfg.optim_control.build(self.networks["control"].parameters())
         self.averages = WeightAverages(cfg.ema_decay, self.networks, ("control", "energy"))
-        self.skipped = {"control": torch.zeros((), device=self.device), "energy": torch.zeros((), device=self.device)}
-        self.consecutive_skips = 0
 
     @property
     def nfe(self) -> int:
@@ -110,7 +107,7 @@ class Diffebm(Method):
             lv_c = log_variance(path_log_rnd(running, log_prior, -e_neg.detach())) / dim
             loss_c = loss_c + cfg.eta * lv_c
             metrics["loss/lv_control"] = lv_c.detach()
-        grad_norm_c = self._step_if_finite("control", loss_c, cfg.optim_control)
+        grad_norm_c = self.optimizer_step(self.optimizers["control"], loss_c, cfg.optim_control)
 
         # --- energy: MLE against the generated samples + log-variance against sg[A] ----------------------
         e_pos_mean, e_neg_mean = e_pos.mean(), e_neg.mean()
@@ -120,33 +117,15 @@ class Diffebm(Method):
             lv_e = log_variance(path_log_rnd(running.detach(), log_prior, -e_neg)) / dim
             loss_e = loss_e + cfg.alpha * lv_e
             metrics["loss/lv_energy"] = lv_e.detach()
-        grad_norm_e = self._step_if_finite("energy", loss_e, cfg.optim_energy)
+        grad_norm_e = self.optimizer_step(self.optimizers["energy"], loss_e, cfg.optim_energy)
         self.averages.step()
         self.averages.update("control", "energy")
 
         out = {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/control": loss_c.detach(),
                "loss/mle": mle.detach(), **metrics, "energy/pos": e_pos_mean.detach(),
                "energy/neg": e_neg_mean.detach(), "energy_gap": mle.detach(),
-               "grad_norm/energy": grad_norm_e, "grad_norm/control": grad_norm_c,
-               "skipped/control": self.skipped["control"], "skipped/energy": self.skipped["energy"]}
-        if grad_norm_c is None or grad_norm_e is None:
-            # A skipped step reports only its finite values, so one bad path is not mistaken for divergence;
-            # a run that keeps skipping is diverged, and then its NaNs go through.
-            self.consecutive_skips += 1
-            if self.consecutive_skips < MAX_CONSECUTIVE_SKIPS:
-                out = {k: v for k, v in out.items() if v is not None and bool(torch.isfinite(v))}
-        else:
-            self.consecutive_skips = 0
-        return {k: (torch.full((), float("nan"), device=self.device) if v is None else v) for k, v in out.items()}
-
-    def _step_if_finite(self, which: str, loss: torch.Tensor, settings: OptimConfig) -> torch.Tensor | None:
-        """One optimizer step, or none (→ None) when the loss is not finite: paper 004 skips such steps so an
-        overflowing path cannot poison the weights. The check syncs the host once per network per
-        iteration, negligible next to simulating the paths."""
-        if not torch.isfinite(loss):
-            self.skipped[which] = self.skipped[which] + 1
-            return None
-        return self.optimizer_step(self.optimizers[which], loss, settings)
+               "grad_norm/energy": grad_norm_e, "grad_norm/control": grad_norm_c}
+        return {k: v for k, v in out.items() if v is not None}  # a skipped step has no gradient norm
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
@@ -157,11 +136,8 @@ class Diffebm(Method):
         return {"ebm": -self.averages.network("energy")(x.to(self.device))}
 
     def extra_state(self) -> dict:
-        return {"skipped": dict(self.skipped), "consecutive_skips": self.consecutive_skips,
-                "ema_updates": self.averages.updates}
+        return {"ema_updates": self.averages.updates}
 
     def load_extra_state(self, state: dict) -> None:
         if state:
-            self.skipped = dict(state["skipped"])
-            self.consecutive_skips = state["consecutive_skips"]
             self.averages.updates = state.get("ema_updates", 0)
