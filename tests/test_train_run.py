@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from ebm_scale.cli import main
@@ -77,10 +78,13 @@ def test_a_diverged_train_run_ends_failed_with_its_last_good_checkpoint(tmp_path
     assert Path(run.data.tags[CHECKPOINT_TAG]).name == "checkpoint_000010"  # the last good one is kept
 
 
-def test_an_unreachable_tracking_server_is_one_line_before_anything_is_created(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", [["train", *TINY], ["sweep", "quickstart"]])
+def test_an_unreachable_tracking_server_is_one_line_before_anything_is_created(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)
-    code = main(["train", *TINY, "tracking.uri=http://127.0.0.1:9", f"storage.path={tmp_path}/runs"])
+    code = main([*command, "tracking.uri=http://127.0.0.1:9", f"storage.path={tmp_path}/runs"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tracking.uri" in err[0] and "no MLflow server answers" in err[0]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    # Checked before Ray: no session was started for it.
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
