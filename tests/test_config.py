@@ -61,7 +61,7 @@ def test_bad_values_are_rejected_naming_the_key(overrides, key, hint):
 
 
 TRAIN_BAD = [("iterations", 0), ("batch_size", 0), ("eval_every", 0), ("log_every", 0),
-             ("device", "tpu"), ("threads", 0)]
+             ("device", "tpu"), ("threads", 0), ("max_consecutive_skips", 0)]
 
 
 @pytest.mark.parametrize("field, value", TRAIN_BAD)

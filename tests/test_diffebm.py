@@ -5,15 +5,14 @@ import math
 
 import pytest
 import torch
+from method_checks import assert_continues_exactly, params, with_overrides
 
 import ebm_scale.methods.diffebm as diffebm_module
-
 from ebm_scale.errors import ConfigError
 from ebm_scale.methods import DataSpec, build_method
 from ebm_scale.methods.diffebm import DiffebmConfig, DiffebmSdeConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
 from ebm_scale.nets.mlp import MLPConfig
-from method_checks import assert_continues_exactly, params, with_overrides
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
@@ -39,7 +38,7 @@ def test_step_updates_both_networks_and_reports_every_term():
     assert torch.allclose(out["loss/control"], 0.5 * out["loss/dsm"] + 0.5 * out["loss/lv_control"])
     assert torch.allclose(out["loss/energy"], 0.5 * out["loss/mle"] + 0.5 * out["loss/lv_energy"])
     for name, net in method.networks.items():
-        assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters(), strict=True)), name
 
 
 def test_energy_step_follows_its_formula(monkeypatch):
@@ -53,7 +52,8 @@ def test_energy_step_follows_its_formula(monkeypatch):
     energy_before = copy.deepcopy(method.networks["energy"])
     paths = []
     simulate = diffebm_module.simulate_generative
-    monkeypatch.setattr(diffebm_module, "simulate_generative", lambda *a, **kw: paths.append(simulate(*a, **kw)) or paths[-1])
+    record = lambda *a, **kw: paths.append(simulate(*a, **kw)) or paths[-1]
+    monkeypatch.setattr(diffebm_module, "simulate_generative", record)
     x = torch.randn(32, 2) + torch.tensor([1.0, -0.5])
     out = method.train_step(x)
 
@@ -74,7 +74,7 @@ def test_energy_step_follows_its_formula(monkeypatch):
     assert torch.allclose(out["loss/lv_control"], lv.detach(), rtol=1e-4)  # same path, same energies
     assert torch.allclose(out["loss/energy"], loss.detach(), rtol=1e-4)
     # Adam has stepped; .grad still holds this step's gradient.
-    for (name, p), g in zip(method.networks["energy"].named_parameters(), expected):
+    for (name, p), g in zip(method.networks["energy"].named_parameters(), expected, strict=True):
         assert torch.allclose(p.grad, g, rtol=1e-3, atol=1e-6), name
 
 
@@ -102,7 +102,7 @@ def test_non_finite_step_is_skipped():
     assert method.skipped_steps == ["control", "energy"]
     assert not torch.isfinite(out["loss"]) and "grad_norm/energy" not in out and "grad_norm/control" not in out
     for k in ("control", "energy"):
-        assert all(torch.equal(a, b) for a, b in zip(before[k], method.networks[k].parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(before[k], method.networks[k].parameters(), strict=True))
 
 
 def test_sample_simulates_the_sde_with_sample_steps_control_calls():
@@ -122,7 +122,7 @@ def test_with_ema_sampling_uses_the_averaged_control_and_the_density_the_average
         method.train_step(torch.randn(16, 2))
     for name in ("control", "energy"):  # the averages trail the live networks
         ema, live = method.networks[f"{name}_ema"], method.networks[name]
-        assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), live.parameters())), name
+        assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), live.parameters(), strict=True)), name
     calls = {"ema": 0, "live": 0}
     method.networks["control_ema"].register_forward_hook(lambda *_: calls.__setitem__("ema", calls["ema"] + 1))
     method.networks["control"].register_forward_hook(lambda *_: calls.__setitem__("live", calls["live"] + 1))
