@@ -217,12 +217,14 @@ def test_cli_rejects_a_backbone_of_the_wrong_kind_before_any_trial(capsys, tmp_p
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # checked before any run
 
 
-def test_cli_train_with_workers_runs_a_torch_trainer_without_tune(tmp_path, monkeypatch):
+def test_cli_train_with_workers_runs_a_torch_trainer_without_tune(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     code = main(["train", "method=mle", "data=8gaussians", *TINY, "scaling=cpu2", "train.iterations=10",
                  "train.eval_every=5", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs"])
     assert code == 0
+    out = capsys.readouterr().out  # the workers' evaluations, printed by the driver from the MLflow run
+    assert "eval     step 5/10" in out and "eval     step 10/10" in out and "finished in" in out
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.tags[KIND_TAG] == "run" and run.data.tags[OUTCOME_TAG] == "finished"

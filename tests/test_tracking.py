@@ -52,3 +52,20 @@ def test_a_running_trials_heartbeat_is_printed_by_the_sweep(tmp_path):
     quiet = TrialOutcomes(ctx, "eval/sinkhorn", 300, lines.append, progress_every_s=3600.0)
     quiet.on_step_end(0, [])  # polls at most every hour: not yet
     assert len(lines) == 1
+
+
+def test_a_torch_trainer_runs_evaluations_and_heartbeats_are_printed_from_its_mlflow_run(tmp_path):
+    from ebm_scale.config import compose
+    from ebm_scale.engine.run import RunWatcher
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.create_run(uri, tracking.ensure_experiment(uri, "watch"))
+    lines: list[str] = []
+    watcher = RunWatcher(uri, run_id, compose(None, ["train.iterations=300"], single_run=True), lines.append)
+    tracker = tracking.MlflowTracker(uri, run_id, async_logging=False)
+    tracker.log_metrics({"eval/sinkhorn": 0.5}, 100)
+    tracker.set_tags({tracking.PROGRESS_TAG: "160 42.5"})  # what rank 0's heartbeat writes
+    watcher._poll()
+    watcher._poll()  # nothing new: nothing printed twice
+    assert len(lines) == 2
+    assert "eval     step 100/300  eval/sinkhorn=0.5" in lines[0] and "running  step 160/300  42.5 it/s" in lines[1]

@@ -9,6 +9,7 @@ cluster must offer (tracking server, resources, backbone) is checked before the 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ def run_single(cfg: EbmScaleConfig, printer: Printer = print) -> RunResult:
                 metrics, checkpoint, error = _in_process(cfg, uri, opening, run_dir, printer)
             else:
                 experiment_id, run_id = opening.result()
-                metrics, checkpoint, error = _torch_trainer(cfg, uri, experiment_id, run_id, run_dir)
+                metrics, checkpoint, error = _torch_trainer(cfg, uri, experiment_id, run_id, run_dir, printer)
         except BaseException:  # Ctrl-C: the run ends as failed, not RUNNING forever
             tracking.end_run(uri, opening.result()[1], "failed")
             raise
@@ -223,13 +224,58 @@ def _in_process(cfg, uri, opening: Future, run_dir, printer):
     return session.last, (session.checkpoints[-1] if session.checkpoints else None), error
 
 
-def _torch_trainer(cfg, uri, experiment_id, run_id, run_dir):
+class RunWatcher:
+    """Prints a TorchTrainer run's evaluations and heartbeats as the in-process run does, read from its MLflow
+    run (rank 0 logs there; the workers' own output stays in Ray's logs): a poll every `poll_s`, and a last
+    one when the job ends."""
+
+    poll_s = 5.0
+
+    def __init__(self, uri: str, run_id: str, cfg: EbmScaleConfig, printer: Printer):
+        self.uri, self.run_id, self.printer = uri, run_id, printer
+        self.iterations, self.metric = cfg.train.iterations, cfg.search.metric
+        self.clock, self.stop = Clock(), threading.Event()
+        self.shown_step, self.shown_beat = 0, None
+        self.thread = threading.Thread(target=self._watch, name="ebm_scale-run-watcher", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.poll_s):
+            self._poll()
+        self._poll()
+
+    def _poll(self) -> None:
+        try:
+            evals = tracking.metric_history(self.uri, self.run_id, self.metric)
+            beat = tracking.get_tag(self.uri, self.run_id, tracking.PROGRESS_TAG)
+        except Exception:  # a busy store: the next poll will do
+            return
+        for m in sorted(evals, key=lambda m: m.step):
+            if m.step > self.shown_step:
+                self.shown_step = m.step
+                self.printer(f"{self.clock} eval     step {m.step}/{self.iterations}  {self.metric}={fmt(m.value)}")
+        if beat and beat != self.shown_beat:
+            self.shown_beat = beat
+            step, rate = beat.split()
+            if int(step) > self.shown_step:
+                self.printer(heartbeat_line(self.clock, "", int(step), self.iterations, float(rate)))
+
+
+def _torch_trainer(cfg, uri, experiment_id, run_id, run_dir, printer):
     from ebm_scale.engine.launch import TrialContext, torch_trainer
 
     context = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id="", storage_path=run_dir,
                            async_logging=cfg.tracking.async_logging)
     try:
-        result = torch_trainer(cfg, f"train-{run_id}", run_id, context, []).fit()
+        with RunWatcher(uri, run_id, cfg, printer):
+            result = torch_trainer(cfg, f"train-{run_id}", run_id, context, []).fit()
     except Exception as err:  # Train V2 raises TrainingFailedError once its retries are spent
         return {}, None, err
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
