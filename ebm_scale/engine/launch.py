@@ -17,7 +17,7 @@ from ebm_scale.config import EbmScaleConfig, flatten, from_dictconfig, set_dotte
 from ebm_scale.engine import tracking
 from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
 from ebm_scale.engine.loop import train
-from ebm_scale.engine.progress import HEARTBEAT_S
+from ebm_scale.engine.progress import TRIAL_HEARTBEAT_S
 from ebm_scale.engine.state import load_state
 from ebm_scale.errors import ConfigError
 
@@ -83,7 +83,7 @@ class TuneSession:
     """In-process trial: the loop reports straight to Tune."""
 
     rank, world_size, local_rank = 0, 1, 0
-    heartbeat_s = HEARTBEAT_S
+    heartbeat_s = TRIAL_HEARTBEAT_S
 
     def __init__(self, tracker):
         self.tracker = tracker
@@ -105,7 +105,7 @@ class TuneSession:
 class TrainSession:
     """A TorchTrainer worker: every rank reports (Train requires it), rank 0 with the checkpoint."""
 
-    heartbeat_s = HEARTBEAT_S
+    heartbeat_s = TRIAL_HEARTBEAT_S
 
     def __init__(self, tracker):
         import ray.train

@@ -8,6 +8,10 @@ Printer = Callable[[str], None]
 
 # A line at least this often from a long run, between its evaluations: alive, and how fast.
 HEARTBEAT_S = 30.0
+# A sweep's trial beats twice as often into its MLflow run, and the sweep polls every POLL_S: what it prints
+# is then at most ~HEARTBEAT_S + POLL_S old instead of up to twice HEARTBEAT_S.
+TRIAL_HEARTBEAT_S = HEARTBEAT_S / 2
+POLL_S = 5.0
 
 
 def fmt(v) -> str:

@@ -20,7 +20,7 @@ from ebm_scale.engine import tracking
 from ebm_scale.engine.backbones import backbone_kind, resolve_backbone, stage1_config
 from ebm_scale.engine.loop import train
 from ebm_scale.engine.outcomes import trial_outcome
-from ebm_scale.engine.progress import HEARTBEAT_S, Clock, Printer, fmt, heartbeat_line
+from ebm_scale.engine.progress import HEARTBEAT_S, POLL_S, Clock, Printer, fmt, heartbeat_line
 from ebm_scale.methods.backbone import check_backbone
 
 CHECKPOINTS_KEPT = 2  # as many as a sweep's trial keeps (its CheckpointConfig)
@@ -229,13 +229,13 @@ class RunWatcher:
     run (rank 0 logs there; the workers' own output stays in Ray's logs): a poll every `poll_s`, and a last
     one when the job ends."""
 
-    poll_s = 5.0
+    poll_s = POLL_S
 
     def __init__(self, uri: str, run_id: str, cfg: EbmScaleConfig, printer: Printer):
         self.uri, self.run_id, self.printer = uri, run_id, printer
         self.iterations, self.metric = cfg.train.iterations, cfg.search.metric
         self.clock, self.stop = Clock(), threading.Event()
-        self.shown_step, self.shown_beat = 0, None
+        self.shown_step, self.shown_beat, self.shown_at = 0, None, 0.0
         self.thread = threading.Thread(target=self._watch, name="ebm_scale-run-watcher", daemon=True)
 
     def __enter__(self):
@@ -260,11 +260,14 @@ class RunWatcher:
         for m in sorted(evals, key=lambda m: m.step):
             if m.step > self.shown_step:
                 self.shown_step = m.step
+                self.shown_at = time.time()
                 self.printer(f"{self.clock} eval     step {m.step}/{self.iterations}  {self.metric}={fmt(m.value)}")
-        if beat and beat != self.shown_beat:
+        quiet = time.time() - self.shown_at >= HEARTBEAT_S  # rank 0 beats every TRIAL_HEARTBEAT_S
+        if beat and beat != self.shown_beat and quiet:
             self.shown_beat = beat
             step, rate = beat.split()
             if int(step) > self.shown_step:
+                self.shown_at = time.time()
                 self.printer(heartbeat_line(self.clock, "", int(step), self.iterations, float(rate)))
 
 

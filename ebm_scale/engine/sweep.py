@@ -25,7 +25,7 @@ from ebm_scale.engine import tracking
 from ebm_scale.engine.backbones import backbone_kind
 from ebm_scale.engine.launch import TrialContext, how_many_fit, init_ray, run_trial
 from ebm_scale.engine.outcomes import OPTUNA_STATE, trial_outcome
-from ebm_scale.engine.progress import HEARTBEAT_S, Clock, Printer, fmt, heartbeat_line
+from ebm_scale.engine.progress import HEARTBEAT_S, POLL_S, Clock, Printer, fmt, heartbeat_line
 from ebm_scale.engine.run import preflight, prepare_backbone
 
 # What a trial's result says about the model and the run; the rest (pid, hostname, time_since_restore,
@@ -128,6 +128,7 @@ class TrialOutcomes(Callback):
         # A progress line per trial at most this often: long runs show they are alive, short sweeps stay quiet.
         self.progress_every_s = progress_every_s
         self.last_shown: dict[str, float] = {}
+        self.poll_every_s = min(POLL_S, progress_every_s)
         self.last_poll = time.time()
         self.beats_seen: dict[str, str] = {}
 
@@ -155,9 +156,9 @@ class TrialOutcomes(Callback):
 
     def on_step_end(self, iteration, trials, **info):
         """Heartbeats between evaluations: running trials tag their MLflow run (launch._beat); one query here
-        every `progress_every_s` shows those not heard of for that long."""
+        every `poll_every_s` shows those not heard of for `progress_every_s`."""
         now = time.time()
-        if self.ctx is None or now - self.last_poll < self.progress_every_s:
+        if self.ctx is None or now - self.last_poll < self.poll_every_s:
             return
         self.last_poll = now
         try:
