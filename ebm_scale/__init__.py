@@ -1,4 +1,5 @@
 """ebm_scale: train, sweep and compare energy-based models on Ray Train + Ray Tune/Optuna + MLflow."""
+
 import os
 
 # Under `uv run`, Ray would by default re-launch every worker through `uv run` in the driver's working

@@ -5,6 +5,7 @@ named sweeps); `compose()` then merges each section into its dataclass schema (w
 fail there, named by their dotted key) and `validate()` checks the values (impossible values fail there).
 The method section's schema comes from the method registry, so a new method brings its own config class.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,10 +45,10 @@ class TrainConfig(Config):
 
     iterations: int = knob(3000, ge=1)
     batch_size: int = knob(800, ge=1)
-    eval_every: int = knob(500, ge=1)    # evaluate, checkpoint and report to Tune every this many iterations
-    log_every: int = knob(50, ge=1)      # metrics to MLflow (batched, asynchronous) every this many iterations
+    eval_every: int = knob(500, ge=1)  # evaluate, checkpoint and report to Tune every this many iterations
+    log_every: int = knob(50, ge=1)  # metrics to MLflow (batched, asynchronous) every this many iterations
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), noun="device")
-    threads: int = knob(1, ge=1)         # torch intra-op threads per process: concurrent trials share the cores
+    threads: int = knob(1, ge=1)  # torch intra-op threads per process: concurrent trials share the cores
     # Methods that skip non-finite optimizer steps (paper 004): this many skipped iterations in a row end the
     # run as diverged, so a run that cannot recover stops instead of skipping forever.
     max_consecutive_skips: int = knob(50, ge=1)
@@ -63,15 +64,18 @@ class ScalingConfig(Config):
     use_gpu: bool = False
     cpus_per_worker: float = knob(1.0, gt=0)
     gpus_per_worker: float = knob(1.0, gt=0)  # used only with use_gpu
-    driver_cpus: float = knob(1.0, ge=0)      # the Tune trial process (in-process: it does the training)
+    driver_cpus: float = knob(1.0, ge=0)  # the Tune trial process (in-process: it does the training)
     backend: str = knob("auto", choices=("auto", "gloo", "nccl"), noun="backend")  # auto: nccl on GPU, else gloo
     collective_timeout_s: int = knob(600, ge=1)  # a hung all-reduce fails (and is retried) instead of blocking
-    max_failures: int = knob(1, ge=0)         # retries of a crashed trial, from its last checkpoint
+    max_failures: int = knob(1, ge=0)  # retries of a crashed trial, from its last checkpoint
 
     def rules(self):
         yield Rule("backend", not (self.backend == "nccl" and not self.use_gpu), "nccl needs scaling.use_gpu=true")
-        yield Rule("use_gpu", not (self.use_gpu and self.num_workers == 0),
-                   "GPU trials run as TorchTrainer jobs: set scaling.num_workers >= 1")
+        yield Rule(
+            "use_gpu",
+            not (self.use_gpu and self.num_workers == 0),
+            "GPU trials run as TorchTrainer jobs: set scaling.num_workers >= 1",
+        )
 
     def trial_resources(self) -> dict[str, float]:
         """Logical resources one trial holds at once: its driver plus its workers."""
@@ -92,7 +96,7 @@ class SchedulerConfig(Config):
     PREFIX = "search.scheduler"
 
     kind: str = knob("asha", choices=SCHEDULERS, noun="scheduler")
-    grace_period: int = knob(500, ge=1)          # training iterations a trial gets before ASHA may stop it
+    grace_period: int = knob(500, ge=1)  # training iterations a trial gets before ASHA may stop it
     reduction_factor: float = knob(3.0, gt=1)
     max_t: int | None = knob(None, ge=1, note="or null = train.iterations")
 
@@ -107,7 +111,7 @@ class SearchConfig(Config):
     num_samples: int = knob(1, ge=1)
     max_concurrent_trials: int | None = knob(None, ge=1, note="or null for automatic")  # null: what fits at once
     seed: int = 0
-    multivariate: bool = True        # multivariate TPE: models interactions (step size × steps matters for EBMs)
+    multivariate: bool = True  # multivariate TPE: models interactions (step size × steps matters for EBMs)
     n_startup_trials: int = knob(4, ge=0)  # random trials before TPE starts modelling
     # dotted config key -> {distribution: [args]}. Typed Any so that a malformed space reaches the checks
     # below (which name the key) instead of failing inside OmegaConf's merge.
@@ -115,26 +119,41 @@ class SearchConfig(Config):
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def rules(self):
-        yield Rule("space", isinstance(self.space, dict),
-                   f"must be a mapping of dotted config keys to distributions, like "
-                   f"{{method.sampler.step_size: {{loguniform: [1e-3, 1.0]}}}}, got {type(self.space).__name__}")
-        for key, spec in (self.space.items() if isinstance(self.space, dict) else ()):
+        yield Rule(
+            "space",
+            isinstance(self.space, dict),
+            f"must be a mapping of dotted config keys to distributions, like "
+            f"{{method.sampler.step_size: {{loguniform: [1e-3, 1.0]}}}}, got {type(self.space).__name__}",
+        )
+        for key, spec in self.space.items() if isinstance(self.space, dict) else ():
             where = f"space.{key}"
-            yield Rule(where, isinstance(spec, dict) and len(spec) == 1,
-                       "must be a one-entry mapping like {loguniform: [1e-3, 1.0]}", DISTRIBUTIONS)
-            (dist_name, args), = spec.items()
+            yield Rule(
+                where,
+                isinstance(spec, dict) and len(spec) == 1,
+                "must be a one-entry mapping like {loguniform: [1e-3, 1.0]}",
+                DISTRIBUTIONS,
+            )
+            ((dist_name, args),) = spec.items()
             yield Rule(where, dist_name in DISTRIBUTIONS, f"unknown distribution {dist_name!r}", DISTRIBUTIONS)
             yield Rule(where, isinstance(args, list) and len(args) >= 1, "needs a list of arguments")
             if dist_name in ("uniform", "loguniform", "randint"):
-                yield Rule(where, len(args) == 2 and _numbers(args) and args[0] < args[1],
-                           f"needs [low, high] with low < high, got {args}")
+                yield Rule(
+                    where,
+                    len(args) == 2 and _numbers(args) and args[0] < args[1],
+                    f"needs [low, high] with low < high, got {args}",
+                )
             if dist_name == "loguniform":
                 yield Rule(where, args[0] > 0, f"loguniform needs low > 0, got {args[0]}")
             if dist_name == "grid":
-                yield Rule(where, self.algo == "random", "grid runs every value (× num_samples) and needs search.algo=random")
+                yield Rule(
+                    where, self.algo == "random", "grid runs every value (× num_samples) and needs search.algo=random"
+                )
             if dist_name == "qrandint":
-                yield Rule(where, len(args) == 3 and _numbers(args) and args[0] < args[1] and args[2] >= 1,
-                           "needs [low, high, q]")
+                yield Rule(
+                    where,
+                    len(args) == 3 and _numbers(args) and args[0] < args[1] and args[2] >= 1,
+                    "needs [low, high, q]",
+                )
 
 
 def _numbers(args: list) -> bool:
@@ -148,21 +167,22 @@ TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "m
 class TrackingConfig(Config):
     PREFIX = "tracking"
 
-    uri: str | None = None           # None = sqlite:///<absolute cwd>/mlflow.db, resolved once by the driver
-    experiment: str | None = None    # None = the sweep's name
-    async_logging: bool = True       # MLflow's asynchronous logging: a metric write never blocks a step
+    uri: str | None = None  # None = sqlite:///<absolute cwd>/mlflow.db, resolved once by the driver
+    experiment: str | None = None  # None = the sweep's name
+    async_logging: bool = True  # MLflow's asynchronous logging: a metric write never blocks a step
 
     def rules(self):
         if self.uri is not None:
-            yield Rule("uri", _uri_problem(self.uri) is None, f"{_uri_problem(self.uri)}, got {self.uri!r}",
-                       TRACKING_SCHEMES)
+            yield Rule(
+                "uri", _uri_problem(self.uri) is None, f"{_uri_problem(self.uri)}, got {self.uri!r}", TRACKING_SCHEMES
+            )
 
     def resolved_uri(self) -> str:
         if self.uri:
             if self.uri.startswith("sqlite:///") and not self.uri.startswith("sqlite:////"):
                 # Relative SQLite paths mean different files in different working directories (Ray workers
                 # run elsewhere): pin it to an absolute path once, here.
-                return "sqlite:///" + str(Path(self.uri[len("sqlite:///"):]).resolve())
+                return "sqlite:///" + str(Path(self.uri[len("sqlite:///") :]).resolve())
             return self.uri
         return "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
 
@@ -172,7 +192,7 @@ def _uri_problem(uri: str) -> str | None:
     parsed = urlparse(uri)
     if not parsed.scheme or any(c.isspace() for c in uri):
         return "must be a URI like sqlite:///mlflow.db or http://host:5000"
-    if parsed.scheme not in TRACKING_SCHEMES and not parsed.scheme.split("+")[0] in TRACKING_SCHEMES:
+    if parsed.scheme not in TRACKING_SCHEMES and parsed.scheme.split("+")[0] not in TRACKING_SCHEMES:
         return f"unknown scheme {parsed.scheme!r}"
     if parsed.scheme in ("http", "https") and not parsed.hostname:
         return "an http(s) URI needs a host"
@@ -185,7 +205,7 @@ def _uri_problem(uri: str) -> str | None:
 class StorageConfig(Config):
     PREFIX = "storage"
 
-    path: str = "ebm_runs"           # local folder (relative to cwd) or s3://bucket/prefix
+    path: str = "ebm_runs"  # local folder (relative to cwd) or s3://bucket/prefix
 
     def rules(self):
         yield Rule("path", _path_problem(self.path) is None, f"{_path_problem(self.path)}")
@@ -220,7 +240,7 @@ class DebugConfig(Config):
 
     PREFIX = "debug"
 
-    nan_at_step: int | None = None       # poison the weights with NaN at this iteration → the trial diverges
+    nan_at_step: int | None = None  # poison the weights with NaN at this iteration → the trial diverges
     crash_once_at_step: int | None = None  # raise once at this iteration → the trial is retried from its checkpoint
 
 
@@ -244,11 +264,17 @@ class EbmScaleConfig(Config):
     def rules(self):
         yield Rule("name", _name_problem(self.name) is None, str(_name_problem(self.name)))
         s = self.search
-        yield Rule("search.scheduler.grace_period", s.scheduler.kind != "asha" or s.scheduler.grace_period <= self.train.iterations,
-                   f"({s.scheduler.grace_period}) exceeds train.iterations ({self.train.iterations})")
-        yield Rule("search.space", bool(s.space) or s.num_samples == 1,
-                   f"is empty, so all {s.num_samples} trials would train the same config: add keys to search.space, "
-                   f"or use search=single for one run")
+        yield Rule(
+            "search.scheduler.grace_period",
+            s.scheduler.kind != "asha" or s.scheduler.grace_period <= self.train.iterations,
+            f"({s.scheduler.grace_period}) exceeds train.iterations ({self.train.iterations})",
+        )
+        yield Rule(
+            "search.space",
+            bool(s.space) or s.num_samples == 1,
+            f"is empty, so all {s.num_samples} trials would train the same config: add keys to search.space, "
+            f"or use search=single for one run",
+        )
 
 
 def _name_problem(name: str) -> str | None:
@@ -266,7 +292,7 @@ def check_search_space(cfg: EbmScaleConfig) -> None:
     bad space fails here, not in every trial."""
     for key, spec in cfg.search.space.items():
         where = f"search.space.{key}"
-        (dist_name, args), = spec.items()
+        ((dist_name, args),) = spec.items()
         if dist_name in FLOAT_DISTRIBUTIONS and schema.is_integer_field(cfg, key):
             raise ConfigError(where, f"{dist_name} draws floats, but {key} is an integer: use randint or qrandint")
         values = list(args[:2]) if dist_name in ("uniform", "loguniform", "randint", "qrandint") else list(args)
@@ -275,6 +301,7 @@ def check_search_space(cfg: EbmScaleConfig) -> None:
 
 
 # --- from Hydra's DictConfig to checked dataclasses -----------------------------------------------------
+
 
 def _merge_into(schema_cls: type, section: Any, prefix: str):
     """Merge a raw config section into its dataclass schema, turning OmegaConf's errors into ConfigErrors
@@ -355,6 +382,7 @@ def set_dotted(container: dict, dotted: str, value: Any) -> None:
 
 # --- composing with Hydra ------------------------------------------------------------------------------
 
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore: `config.yaml` extends `ebm_scale_schema`, and each
     `method/<name>.yaml` extends `method/<name>_schema`, so every key can be overridden from the command
@@ -379,7 +407,8 @@ def compose(config: str | None, overrides: list[str] | None = None, *, single_ru
         search.space={method.sampler.steps: {randint: [5, 25]}}     the whole space
         search.space.method.sampler.steps={randint: [5, 25]}        one entry (set or replace)
         ~search.space.method.sampler.steps                          drop one entry"""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
 
@@ -410,7 +439,9 @@ def compose(config: str | None, overrides: list[str] | None = None, *, single_ru
         raise _yaml_error(err) from None
     except MissingConfigException as err:  # a defaults list naming a config that does not exist
         group = Path(err.missing_cfg_file or "").parent.name or "config"
-        raise ConfigError(group, _first_line(str(err)), list(err.options) if err.options else _group_options(base, group)) from None
+        raise ConfigError(
+            group, _first_line(str(err)), list(err.options) if err.options else _group_options(base, group)
+        ) from None
     except HydraException as err:
         if isinstance(err.__cause__, yaml.YAMLError):
             raise _yaml_error(err.__cause__) from None
@@ -445,7 +476,9 @@ def _split_overrides(overrides: list[str], base: Path) -> tuple[list[str], list]
             detail = err.message if isinstance(err, OverrideParseException) else str(err)
             if not text.isascii():
                 detail = "a value with non-ASCII characters must be quoted, e.g. name='héllo'"
-            raise ConfigError(key or "overrides", f"cannot parse the override {text!r}: {_first_line(detail)}") from None
+            raise ConfigError(
+                key or "overrides", f"cannot parse the override {text!r}: {_first_line(detail)}"
+            ) from None
         key = parsed.key_or_group
         parts = key.split(".")
         if len(parts) >= 2 and parts[0] == "method" and parts[1] in RENAMED:
@@ -453,7 +486,7 @@ def _split_overrides(overrides: list[str], base: Path) -> tuple[list[str], list]
         if not key:
             raise ConfigError("overrides", f"{text!r} names no key: write key=value, e.g. train.iterations=500")
         if key == "search.space" or key.startswith("search.space."):
-            space_edits.append((key[len("search.space."):] if key != "search.space" else None, parsed))
+            space_edits.append((key[len("search.space.") :] if key != "search.space" else None, parsed))
             continue
         if key in groups and not parsed.is_delete():
             value = parsed.value()
@@ -473,8 +506,11 @@ def _apply_space_edits(raw: DictConfig, edits: list) -> None:
             raw.search.space = {} if value is None else value
         elif parsed.is_delete():
             if entry not in raw.search.space:
-                raise ConfigError(f"search.space.{entry}", "is not in the search space, so it cannot be removed",
-                                  sorted(raw.search.space))
+                raise ConfigError(
+                    f"search.space.{entry}",
+                    "is not in the search space, so it cannot be removed",
+                    sorted(raw.search.space),
+                )
             del raw.search.space[entry]
         else:
             if not isinstance(raw.search.space, DictConfig):
@@ -499,8 +535,12 @@ def _first_line(text: str) -> str:
 def _override_key(message: str) -> str:
     """The dotted key a Hydra composition error is about. Hydra gives no structured key for these; the
     patterns are pinned by tests/test_config.py, so a Hydra upgrade that changes them fails loudly."""
-    for pattern in (r"full_key: ([\w.]+)", r"Could not override '([\w.]+)'", r"Error merging override ([\w.]+)=",
-                    r"Could not append to config\. An item is already at '([\w.]+)'"):
+    for pattern in (
+        r"full_key: ([\w.]+)",
+        r"Could not override '([\w.]+)'",
+        r"Error merging override ([\w.]+)=",
+        r"Could not append to config\. An item is already at '([\w.]+)'",
+    ):
         found = re.search(pattern, message)
         if found:
             return found.group(1)

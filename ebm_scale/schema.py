@@ -14,6 +14,7 @@ ConfigError naming the full dotted key. The same declarations check a search spa
 (`check_search_value`): a sampled value must fit the field's type and bounds before any trial runs.
 No third-party imports: methods and nets declare their configs with this too.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,7 +39,7 @@ class Spec:
     le: float | None = None
     choices: Any = None
     noun: str = "value"
-    note: str = ""          # said after the bound, e.g. "0 = off"
+    note: str = ""  # said after the bound, e.g. "0 = off"
     nonempty: bool = False  # tuples / strings
 
     def allowed(self) -> list | None:
@@ -126,7 +127,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
                 raise ConfigError(key, found[0], found[1])
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             validate(value, key)
-    for rule in (cfg.rules() if isinstance(cfg, Config) else ()):
+    for rule in cfg.rules() if isinstance(cfg, Config) else ():
         if isinstance(rule, Rule):
             if not rule.ok:
                 allowed = rule.allowed
@@ -138,6 +139,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 
 # --- search spaces against the schema -----------------------------------------------------------------
+
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 A loader turns (DataConfig, seed) into train/test tensors plus the DataSpec a method is built from. The
 same seed always gives the same tensors, and train and test come from independent random streams.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,10 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ebm_scale.data.toy import TOY_DATASETS, ToyDistribution
 from ebm_scale.data.spec import DataSpec
+from ebm_scale.data.toy import TOY_DATASETS, ToyDistribution
 from ebm_scale.schema import Config, knob
-
 
 # name → loader of (DataConfig, seed); filled below. DataConfig.name's choices are this registry itself, so a
 # dataset registered later is a valid name too.
@@ -79,4 +79,13 @@ def load_dataset(cfg: DataConfig, seed: int) -> ToyData:
     return DATASETS[cfg.name](cfg, seed)
 
 
-__all__ = ["DATASETS", "DataSpec", "TOY_DATASETS", "DataConfig", "ToyData", "ToyDistribution", "load_dataset", "split_generators"]
+__all__ = [
+    "DATASETS",
+    "DataSpec",
+    "TOY_DATASETS",
+    "DataConfig",
+    "ToyData",
+    "ToyDistribution",
+    "load_dataset",
+    "split_generators",
+]

@@ -1,4 +1,5 @@
 """What a method needs to know about its data (no torch: configs and methods both read it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,6 +12,7 @@ of split n // k per class, and moons / rings draw their angles uniformly instead
 The equal-weight isotropic Gaussian mixtures (8gaussians, 25gaussians, grid) also carry their exact
 `log_prob`, so the engine can report the true test log-likelihood next to a model's.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -185,8 +186,9 @@ def _sampled(name: str, sampler: Sampler, bounds=FFJORD_BOX) -> ToyDistribution:
 
 def _mixture(name: str, factory: Callable[[], GaussianMixture], bounds=FFJORD_BOX) -> ToyDistribution:
     mixture = factory()
-    return ToyDistribution(name, bounds, mixture.sample, mixture.log_prob, inspect.getdoc(factory) or "",
-                           modes=mixture.means)
+    return ToyDistribution(
+        name, bounds, mixture.sample, mixture.log_prob, inspect.getdoc(factory) or "", modes=mixture.means
+    )
 
 
 TOY_DATASETS: dict[str, ToyDistribution] = {

@@ -9,6 +9,7 @@ here map t to sines and cosines over many frequencies, so nearby and distant tim
 * ``fourier`` — random Fourier features (Tancik et al.; Song et al.'s GaussianFourierProjection, the PIS
   "Fourier MLP" of Zhang & Chen): frequencies drawn once from N(0, scale²). Made for t ∈ [0, 1].
 """
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ paths is ≥ 0 and is 0 exactly when P_u = P_target; the variance ignores the co
 With u_ref = sg(u) the loss's gradient is that of the log-variance divergence and no gradient flows through
 the solver: the control is re-evaluated, with gradients, on the stored (detached) path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,9 @@ def running_cost(control: Control, path: Path) -> Tensor:
     points = path.xs[:-1].reshape(steps * n, *shape)
     times = path.times.repeat_interleave(n)
     u = control(points, times).reshape(steps, n, *shape)
-    per_step = (u * (path.controls - 0.5 * u)).flatten(2).sum(2) * path.dt + (u * path.noise_increments).flatten(2).sum(2)
+    per_step = (u * (path.controls - 0.5 * u)).flatten(2).sum(2) * path.dt + (u * path.noise_increments).flatten(2).sum(
+        2
+    )
     return per_step.sum(0)
 
 

@@ -10,6 +10,7 @@ far off it is, so a sampler can refuse to start from N(0, I) when that would be 
 Time indices are integer tensors t ∈ {0, …, T}; every per-step coefficient is a (T+1,) table indexed by t
 and broadcast over the data's trailing dimensions.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,14 +46,20 @@ def time_points(steps: int, schedule: str = "equidistant") -> Tensor:
 
 def vp_sigma2(s: Tensor, beta_min: float, beta_max: float) -> Tensor:
     """σ²(s) of the VP SDE with linear β(s) = β_min + s(β_max − β_min)."""
-    return -torch.expm1(-beta_min * s - 0.5 * (beta_max - beta_min) * s ** 2)
+    return -torch.expm1(-beta_min * s - 0.5 * (beta_max - beta_min) * s**2)
 
 
 class DiscreteVPSchedule:
     """Coefficient tables of the T-step VP chain, and the operations both diffusion methods need on it."""
 
-    def __init__(self, steps: int, beta_min: float, beta_max: float, time_schedule: str = "equidistant",
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        steps: int,
+        beta_min: float,
+        beta_max: float,
+        time_schedule: str = "equidistant",
+        device: torch.device | str | None = None,
+    ):
         require(0 < beta_min <= beta_max, "beta_min", f"need 0 < beta_min <= beta_max, got ({beta_min}, {beta_max})")
         self.steps = steps
         self.beta_min, self.beta_max = beta_min, beta_max
@@ -110,8 +117,9 @@ class DiscreteVPSchedule:
         mean = self._at(self.posterior_coef_x0, t, x0) * x0 + self._at(self.posterior_coef_xt, t, x_t) * x_t
         return mean, self._at(self.posterior_var, t, x0)
 
-    def posterior_sample(self, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None = None,
-                         var_floor: float = 0.0) -> Tensor:
+    def posterior_sample(
+        self, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None = None, var_floor: float = 0.0
+    ) -> Tensor:
         """x_{t−1} ~ q(x_{t−1} | x_t, x_0), reparameterized (differentiable in x0 and x_t); with `var_floor`, from
         the Gaussian with the variance floored as in `posterior_log_prob` (the model that log-density scores)."""
         mean, var = self.posterior(x0, x_t, t)

@@ -8,6 +8,7 @@ forward time s = 1 − t it is
     dY = [−f(Y, t) + g(t)·u(Y, t)] ds + g(t) dW_s,
 so u = g·∇log p_t is the exact time reversal (the score, scaled by g).
 """
+
 from __future__ import annotations
 
 import abc
@@ -73,7 +74,7 @@ class VPSDE(SDE):
         return self.beta(t).sqrt()
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        log_mean = -0.25 * t ** 2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        log_mean = -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
         return log_mean.exp(), (-torch.expm1(2.0 * log_mean)).sqrt()
 
 
@@ -127,5 +128,10 @@ def simulate_generative(
             callback({"step": k, "x": x, "t": t, "control": u})
     if not keep_path:
         return x
-    return Path(xs=torch.stack(xs), times=torch.stack(times), controls=torch.stack(controls),
-                noise_increments=torch.stack(increments), dt=dt)
+    return Path(
+        xs=torch.stack(xs),
+        times=torch.stack(times),
+        controls=torch.stack(controls),
+        noise_increments=torch.stack(increments),
+        dt=dt,
+    )

@@ -1,4 +1,5 @@
 """Method registry: name → Method subclass (each carries its own config dataclass)."""
+
 from __future__ import annotations
 
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig

@@ -10,6 +10,7 @@ Engine code turns a reference (an MLflow `runs:/<run_id>/backbone` URI or a stor
 file; this module only reads and writes that file and checks it fits the data, so a mismatch fails with
 the key named before any training starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,13 @@ def _kinds() -> dict[str, tuple[type, type]]:
 
 def backbone_state(kind: str, shape: tuple[int, ...], cfg: Any, module: nn.Module, data: str = "") -> dict:
     """What a stage-1 method exports: enough to rebuild the network without its training config."""
-    return {"kind": kind, "shape": list(shape), "config": dataclasses.asdict(cfg),
-            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, "data": data}
+    return {
+        "kind": kind,
+        "shape": list(shape),
+        "config": dataclasses.asdict(cfg),
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "data": data,
+    }
 
 
 def save_backbone(directory: str, state: dict) -> str:
@@ -61,8 +67,11 @@ def _read(path: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, FILE_NAME)
     if not os.path.isfile(path):
-        raise ConfigError("method.backbone", f"no backbone file at {path!r} (expected a {FILE_NAME} written by a "
-                          "`vae` or `flow` run, or the folder holding it)")
+        raise ConfigError(
+            "method.backbone",
+            f"no backbone file at {path!r} (expected a {FILE_NAME} written by a "
+            "`vae` or `flow` run, or the folder holding it)",
+        )
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -71,11 +80,15 @@ def check_backbone(path: str, kind: str, shape: tuple[int, ...], key: str = "met
     shape. Returns the file's contents."""
     state = _read(path)
     if state.get("kind") != kind:
-        raise ConfigError(key, f"{path!r} holds a {state.get('kind')!r} backbone; this method needs a {kind!r} one",
-                          allowed=[kind])
+        raise ConfigError(
+            key, f"{path!r} holds a {state.get('kind')!r} backbone; this method needs a {kind!r} one", allowed=[kind]
+        )
     if tuple(state["shape"]) != tuple(shape):
-        raise ConfigError(key, f"backbone was trained on data of shape {tuple(state['shape'])} "
-                          f"({state.get('data') or 'unknown dataset'}), but this run's data has shape {tuple(shape)}")
+        raise ConfigError(
+            key,
+            f"backbone was trained on data of shape {tuple(state['shape'])} "
+            f"({state.get('data') or 'unknown dataset'}), but this run's data has shape {tuple(shape)}",
+        )
     return state
 
 

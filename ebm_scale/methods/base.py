@@ -4,10 +4,11 @@ A method is plain PyTorch: it owns its networks, optimizers, one training step, 
 defines one) an unnormalized log-density. The engine (engine/loop.py) drives it, evaluates it,
 checkpoints it and reports for it; nothing here knows about Ray, Tune or MLflow.
 """
+
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +17,6 @@ from torch import nn
 
 from ebm_scale.data.spec import DataSpec
 from ebm_scale.schema import Config, Rule, knob
-
 
 OPTIMIZERS = ("adam", "prodigy")
 
@@ -42,8 +42,11 @@ class OptimConfig(Config):
     lr_halflife: int = knob(0, ge=0, note="0 = off")
 
     def rules(self):
-        yield Rule("clip_elementwise_std", self.kind == "adam" or self.clip_elementwise_std == 0,
-                   "elementwise clipping reads Adam's second moment: use it with kind=adam only")
+        yield Rule(
+            "clip_elementwise_std",
+            self.kind == "adam" or self.clip_elementwise_std == 0,
+            "elementwise clipping reads Adam's second moment: use it with kind=adam only",
+        )
 
     def build(self, params) -> torch.optim.Optimizer:
         if self.kind == "prodigy":
@@ -57,8 +60,8 @@ class Method(abc.ABC):
     """Base class of every registered method.
 
     Subclasses set `config_class` (a dataclass deriving from ebm_scale.schema.Config, registered with Hydra
-    by ebm_scale.config and validated once when the config is composed) and fill `self.networks` / `self.optimizers` in __init__; checkpointing and
-    gradient synchronisation then come for free.
+    by ebm_scale.config and validated once when the config is composed) and fill `self.networks` /
+    `self.optimizers` in __init__; checkpointing and gradient synchronisation then come for free.
     """
 
     name: ClassVar[str]
@@ -151,8 +154,9 @@ class Method(abc.ABC):
                 for t in list(m.parameters()) + list(m.buffers()):
                     dist.broadcast(t.data, src=0)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                       settings: OptimConfig | None = None) -> torch.Tensor | None:
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, settings: OptimConfig | None = None
+    ) -> torch.Tensor | None:
         """zero_grad → backward → average gradients over ranks → clip (per `settings`) → step. Returns the
         pre-clip grad norm, or None for a step skipped under `skip_nonfinite`.
 
@@ -174,7 +178,7 @@ class Method(abc.ABC):
             offset = 0
             for p in params:
                 n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
                 offset += n
         if settings is not None and settings.clip_elementwise_std > 0:
             _clip_to_adam_std(optimizer, settings.clip_elementwise_std)
@@ -200,7 +204,7 @@ def _clip_to_adam_std(optimizer: torch.optim.Optimizer, k: float) -> None:
             if p.grad is None or not state or "exp_avg_sq" not in state:
                 continue
             step = float(state["step"])
-            bound = state["exp_avg_sq"].div(1 - beta2 ** step).sqrt_().mul_(k).add_(0.1)
+            bound = state["exp_avg_sq"].div(1 - beta2**step).sqrt_().mul_(k).add_(0.1)
             torch.maximum(torch.minimum(p.grad, bound), -bound, out=p.grad)
 
 

@@ -13,6 +13,7 @@ One iteration, t ~ U{1..T}, real pairs (x_{t−1}, x_t) ~ q:
       L2 = KL(q_ψ(z | x_{t−1}, x_t, t) ‖ N(0, I)) − log q(x_{t−1} | x_t, x_0 = G(x_t, z, t)),  z ~ q_ψ
   energy (θ):  E(x_{t−1}, t−1) − w_fake·E(sg[x̃], t−1) + γ/2·‖∇_{x_{t−1}}[E(x_{t−1}, t−1) − log q(x_t | x_{t−1})]‖²
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,20 +22,20 @@ import torch
 
 from ebm_scale.diffusion import TIME_SCHEDULES, DiscreteVPSchedule, gaussian_log_prob
 from ebm_scale.errors import require
-from ebm_scale.schema import Config, Rule, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_encoder, build_generator, build_time_energy
 from ebm_scale.nets.ema import WeightAverages
+from ebm_scale.schema import Config, Rule, knob
 
 TERMINAL_STARTS = ("auto", "gaussian", "data")
 
 
 @dataclass
 class DiffusionChainConfig(Config):
-    steps: int = knob(4, ge=1)          # T (paper: 4; T = 1 is the unstable ablation)
+    steps: int = knob(4, ge=1)  # T (paper: 4; T = 1 is the unstable ablation)
     beta_min: float = knob(0.1, gt=0)
-    beta_max: float = 20.0              # paper: (0.1, 20) for images, (0.1, 10) MNIST
+    beta_max: float = 20.0  # paper: (0.1, 20) for images, (0.1, 10) MNIST
     time_schedule: str = knob("equidistant", choices=TIME_SCHEDULES, noun="time schedule")
     # Where sampling starts. q(x_T) is only ≈ N(0, I) when the β range is wide enough for the data's scale
     # (docs/methods/ddaebm.md). auto: N(0, I) if the measured bound on KL(q(x_T) ‖ N(0, I)) is below `terminal_kl_tol`
@@ -44,9 +45,14 @@ class DiffusionChainConfig(Config):
     terminal_pool: int = knob(4096, ge=1)  # training points kept for the `data` start
 
     def rules(self):
-        yield Rule("beta_max", self.beta_max >= self.beta_min, f"must be >= beta_min ({self.beta_min}), got {self.beta_max}")
-        yield Rule("steps", self.time_schedule != "drl" or 2 <= self.steps <= 500,
-                   f"the drl time schedule needs 2 <= steps <= 500, got {self.steps}")
+        yield Rule(
+            "beta_max", self.beta_max >= self.beta_min, f"must be >= beta_min ({self.beta_min}), got {self.beta_max}"
+        )
+        yield Rule(
+            "steps",
+            self.time_schedule != "drl" or 2 <= self.steps <= 500,
+            f"the drl time schedule needs 2 <= steps <= 500, got {self.steps}",
+        )
 
     def build(self, device) -> DiscreteVPSchedule:
         return DiscreteVPSchedule(self.steps, self.beta_min, self.beta_max, self.time_schedule, device)
@@ -58,18 +64,18 @@ class DdaebmConfig(Config):
 
     name: str = knob("ddaebm", choices=("ddaebm",), noun="method")
     diffusion: DiffusionChainConfig = field(default_factory=DiffusionChainConfig)
-    energy: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)     # E(x, t)
+    energy: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)  # E(x, t)
     generator: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)  # G(x_t, z, t)
-    encoder: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)    # q(z | x_{t−1}, x_t, t)
-    latent_dim: int = knob(2, ge=0)     # d of z; 0 = the "no latent z" ablation (deterministic G)
+    encoder: DiffusionNetConfig = field(default_factory=DiffusionNetConfig)  # q(z | x_{t−1}, x_t, t)
+    latent_dim: int = knob(2, ge=0)  # d of z; 0 = the "no latent z" ablation (deterministic G)
     gradient_penalty: float = knob(0.02, ge=0)  # γ (public code's value)
     # γ's multiplier on the pairs with t = 1, whose x_{t−1} is clean data: the energy there is the density.
     # A gradient penalty on data favours flat energies, so it broadens every peak narrower than ~√γ.
     gradient_penalty_at_data: float = knob(1.0, ge=0)
     fake_weight: float = knob(1.0, ge=0)  # weight of the generated term in the energy loss (paper's NICE run: 0.1)
     reverse_kl_weight: float = knob(1.0, ge=0)  # weight of L2; 0 = the "KL only" ablation
-    encoder_term: bool = True           # −log q_ψ(z | …) in L1; false = the "no encoder term" ablation
-    w: float = knob(1.0, gt=0)          # λ(t−1) = w·t'(t)^{log_½(w_mid/w)} (eq. 21)
+    encoder_term: bool = True  # −log q_ψ(z | …) in L1; false = the "no encoder term" ablation
+    w: float = knob(1.0, gt=0)  # λ(t−1) = w·t'(t)^{log_½(w_mid/w)} (eq. 21)
     w_mid: float = knob(1.0, gt=0)
     # log q(x_{t−1} | x_t, x_0) in L2 uses max(β̃_t, floor): at t = 1 the posterior is a point mass (β̃_1 = 0).
     # The floor is then L2's reconstruction scale at t = 1 (its gradient ∝ 1/floor), not a numerical epsilon:
@@ -77,13 +83,17 @@ class DdaebmConfig(Config):
     # visits the spurious minima of E(·, 0), and the density at t = 0 is left uncorrected there (2D toy:
     # mass piled in the box corners). Sampling stays deterministic at t = 1 whatever the floor, unless
     # sample_with_floor (below).
-    posterior_var_floor: float = knob(1e-2, gt=0)  # small floors pile the density in the box corners (docs/results/ddaebm.md)
+    posterior_var_floor: float = knob(
+        1e-2, gt=0
+    )  # small floors pile the density in the box corners (docs/results/ddaebm.md)
     # Generate x_{t−1} from that floored Gaussian too, so p_φ(x_{t−1} | x_t) is the model L2 scores. Without it,
     # at t = 1 x̃_0 = G(x_1, z) is deterministic: the joint (x̃_0, z) is degenerate, and L1's encoder term is then
     # no bound on the generator's entropy (eq. 16 drops H[p_φ(x_{t−1}, z | x_t)] as a constant, which it only is
     # with noise). On the 2D toy it did not improve the density (docs/results/ddaebm.md).
     sample_with_floor: bool = False
-    ema_decay: float = knob(0.999, ge=0, lt=1)  # EMA of G (sampling) and E (density); 0 = off (paper: 0.9999 on CIFAR-10)
+    ema_decay: float = knob(
+        0.999, ge=0, lt=1
+    )  # EMA of G (sampling) and E (density); 0 = off (paper: 0.9999 on CIFAR-10)
     optim_energy: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
     optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.9)))
 
@@ -109,7 +119,9 @@ class Ddaebm(Method):
         self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
         self.optimizers["generator"] = cfg.optim_generator.build(generator_params)
         # Decided on the first batch (terminal="auto" measures the data), then kept: see DiffusionChainConfig.
-        self.start_from_data: bool | None = None if cfg.diffusion.terminal == "auto" else cfg.diffusion.terminal == "data"
+        self.start_from_data: bool | None = (
+            None if cfg.diffusion.terminal == "auto" else cfg.diffusion.terminal == "data"
+        )
         self.terminal_kl_value: float | None = None
         self.terminal_kl = torch.tensor(float("nan"), device=self.device)
         self.pool = torch.empty(0, *shape, device=self.device)
@@ -172,10 +184,19 @@ class Ddaebm(Method):
         grad_norm_e = self.optimizer_step(self.optimizers["energy"], loss_e, cfg.optim_energy)
         self.averages.update("energy")
 
-        return {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/generator": loss_g.detach(),
-                "loss/l1": l1.mean().detach(), **metrics, "energy/real": e_real_mean.detach(),
-                "energy/fake": e_fake_mean.detach(), "energy_gap": (e_real_mean - e_fake_mean).detach(), "grad_norm/energy": grad_norm_e,
-                "grad_norm/generator": grad_norm_g, "terminal_kl_bound": self.terminal_kl}
+        return {
+            "loss": loss_e.detach(),
+            "loss/energy": loss_e.detach(),
+            "loss/generator": loss_g.detach(),
+            "loss/l1": l1.mean().detach(),
+            **metrics,
+            "energy/real": e_real_mean.detach(),
+            "energy/fake": e_fake_mean.detach(),
+            "energy_gap": (e_real_mean - e_fake_mean).detach(),
+            "grad_norm/energy": grad_norm_e,
+            "grad_norm/generator": grad_norm_g,
+            "terminal_kl_bound": self.terminal_kl,
+        }
 
     def _reverse_kl_bound(self, x_prev, x_t, t, metrics) -> torch.Tensor:
         """L2 per sample (eq. 19) on real pairs: the negative ELBO of x_{t−1} under p_φ(· | x_t)."""
@@ -234,8 +255,13 @@ class Ddaebm(Method):
         return {"ebm": -energy(x, torch.zeros(len(x), dtype=torch.long, device=self.device))}
 
     def extra_state(self) -> dict:
-        return {"start_from_data": self.start_from_data, "terminal_kl": self.terminal_kl_value, "pool": self.pool,
-                "pool_seen": self.pool_seen, "ema_updates": self.averages.updates}
+        return {
+            "start_from_data": self.start_from_data,
+            "terminal_kl": self.terminal_kl_value,
+            "pool": self.pool,
+            "pool_seen": self.pool_seen,
+            "ema_updates": self.averages.updates,
+        }
 
     def load_extra_state(self, state: dict) -> None:
         if state:

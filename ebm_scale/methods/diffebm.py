@@ -13,31 +13,41 @@ the control as it was at the start of the iteration (one optimizer step stale), 
 A step whose loss is not finite is skipped (paper 004: `skip_nonfinite`); the engine counts the skips
 (`train/skipped/control`, `train/skipped/energy`) and ends a run that keeps skipping as diverged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.diffusion import VPSDE, denoising_score_matching, log_variance, path_log_rnd, running_cost, simulate_generative
-from ebm_scale.schema import Config, Rule, knob
+from ebm_scale.diffusion import (
+    VPSDE,
+    denoising_score_matching,
+    log_variance,
+    path_log_rnd,
+    running_cost,
+    simulate_generative,
+)
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_control
 from ebm_scale.nets.ema import WeightAverages
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
+from ebm_scale.schema import Config, Rule, knob
 
 
 @dataclass
 class DiffebmSdeConfig(Config):
-    beta_min: float = knob(0.1, gt=0)   # paper: β(t) = β_min + t(β_max − β_min), (0.1, 10) for every problem
+    beta_min: float = knob(0.1, gt=0)  # paper: β(t) = β_min + t(β_max − β_min), (0.1, 10) for every problem
     beta_max: float = 10.0
-    steps: int = knob(100, ge=1)        # Euler–Maruyama steps of the training paths
+    steps: int = knob(100, ge=1)  # Euler–Maruyama steps of the training paths
     sample_steps: int | None = knob(None, ge=1, note="or null = steps")  # steps of sample(n) (its NFE)
     t_min: float = knob(1e-3, gt=0, lt=1)  # DSM draws t ~ U(t_min, 1): the data score is singular at t = 0
 
     def rules(self):
-        yield Rule("beta_max", self.beta_max >= self.beta_min, f"must be >= beta_min ({self.beta_min}), got {self.beta_max}")
+        yield Rule(
+            "beta_max", self.beta_max >= self.beta_min, f"must be >= beta_min ({self.beta_min}), got {self.beta_max}"
+        )
 
 
 @dataclass
@@ -49,8 +59,11 @@ class DiffebmConfig(Config):
     # Paper: "three 1×1-conv layers with SiLU" applied per point = a 3-layer MLP.
     energy: MLPConfig = field(default_factory=lambda: MLPConfig(hidden=128, layers=3, activation="silu"))
     # Paper: a Fourier-feature MLP (Zhang & Chen's PIS) — random Fourier features of t, an MLP on (x, t).
-    control: DiffusionNetConfig = field(default_factory=lambda: DiffusionNetConfig(
-        hidden=128, layers=3, activation="silu", embedding="fourier", embed_dim=64))
+    control: DiffusionNetConfig = field(
+        default_factory=lambda: DiffusionNetConfig(
+            hidden=128, layers=3, activation="silu", embedding="fourier", embed_dim=64
+        )
+    )
     eta: float = knob(0.5, ge=0, le=1)  # control: (1 − η)·DSM + η·log-variance
     alpha: float = knob(0.5, ge=0, le=1)  # energy: (1 − α)·MLE + α·log-variance
     # EMA of the control (used by sample()) and of the energy (used by log_density()); training paths use the
@@ -84,8 +97,13 @@ class Diffebm(Method):
         energy, control = self.networks["energy"], self.networks["control"]
         x_data = batch.to(self.device, non_blocking=True)
         n, dim = x_data.shape[0], self.spec.dim
-        path = simulate_generative(sde, control, sde.prior_sample((n, *self.spec.shape), device=self.device),
-                                   steps=cfg.sde.steps, keep_path=True)
+        path = simulate_generative(
+            sde,
+            control,
+            sde.prior_sample((n, *self.spec.shape), device=self.device),
+            steps=cfg.sde.steps,
+            keep_path=True,
+        )
         start, end = path.xs[0], path.xs[-1]
         log_prior = sde.prior_log_prob(start)
         # Data and path ends in one energy forward (the energy is per-point). The control step below leaves θ
@@ -121,10 +139,18 @@ class Diffebm(Method):
         self.averages.step()
         self.averages.update("control", "energy")
 
-        out = {"loss": loss_e.detach(), "loss/energy": loss_e.detach(), "loss/control": loss_c.detach(),
-               "loss/mle": mle.detach(), **metrics, "energy/pos": e_pos_mean.detach(),
-               "energy/neg": e_neg_mean.detach(), "energy_gap": mle.detach(),
-               "grad_norm/energy": grad_norm_e, "grad_norm/control": grad_norm_c}
+        out = {
+            "loss": loss_e.detach(),
+            "loss/energy": loss_e.detach(),
+            "loss/control": loss_c.detach(),
+            "loss/mle": mle.detach(),
+            **metrics,
+            "energy/pos": e_pos_mean.detach(),
+            "energy/neg": e_neg_mean.detach(),
+            "energy_gap": mle.detach(),
+            "grad_norm/energy": grad_norm_e,
+            "grad_norm/control": grad_norm_c,
+        }
         return {k: v for k, v in out.items() if v is not None}  # a skipped step has no gradient norm
 
     @torch.no_grad()

@@ -1,16 +1,17 @@
 """`flow`: stage 1 of NT-EBM (paper 002) — a normalizing flow trained by exact maximum likelihood. Its final
 network is exported as a backbone file for `nt_ebm` (`method.backbone=runs:/<run_id>/backbone`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.schema import Config, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import backbone_state
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.flow import Flow, FlowConfig
+from ebm_scale.schema import Config, knob
 
 
 @dataclass

@@ -6,6 +6,7 @@ x_neg = G_θ(x0) is K steps of (noisy or noise-free) Langevin, or the gradient-f
 initialisation. The first two terms give the usual contrastive ML gradient; the last is paper 000's
 self-adversarial generator loss (eq. 12): it differentiates through the sampler only, not the outer energy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,10 +19,17 @@ from torch.func import functional_call
 from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
-from ebm_scale.samplers import (CHAIN_INITS, ODE_SOLVERS, ChainEnds, mean_grad_norm, ode_log_density, sample_euler,
-                                sample_langevin, sample_ode)
+from ebm_scale.samplers import (
+    CHAIN_INITS,
+    ODE_SOLVERS,
+    ChainEnds,
+    mean_grad_norm,
+    ode_log_density,
+    sample_euler,
+    sample_langevin,
+    sample_ode,
+)
 from ebm_scale.schema import Config, knob
-
 
 # Short-run dynamics the generator loss can differentiate through (HMC's accept/reject cannot be).
 MLE_SAMPLERS = ("langevin", "euler", "ode")
@@ -30,10 +38,10 @@ MLE_SAMPLERS = ("langevin", "euler", "ode")
 @dataclass
 class MleSamplerConfig(Config):
     kind: str = knob("langevin", choices=MLE_SAMPLERS, noun="sampler")  # euler = langevin with noise 0
-    step_size: float = knob(0.1, gt=0)          # η
-    steps: int = knob(40, ge=1)                 # K
-    noise_scale: float = knob(0.1, ge=0)        # σ (langevin only)
-    horizon: float = knob(0.2, gt=0)            # ODE T
+    step_size: float = knob(0.1, gt=0)  # η
+    steps: int = knob(40, ge=1)  # K
+    noise_scale: float = knob(0.1, ge=0)  # σ (langevin only)
+    horizon: float = knob(0.2, gt=0)  # ODE T
     rtol: float = knob(1e-5, gt=0)
     atol: float = knob(1e-5, gt=0)
     solver: str = knob("dopri5", choices=ODE_SOLVERS, noun="adaptive ODE solver")
@@ -55,8 +63,8 @@ class MleSamplerConfig(Config):
 
 @dataclass
 class MleLossConfig(Config):
-    generator_weight: float = knob(0.0, ge=0)   # λ_gen of paper eq. 12 (paper: 1 when used)
-    energy_reg: float = knob(0.0, ge=0)         # α·(E_pos² + E_neg²), Du & Mordatch
+    generator_weight: float = knob(0.0, ge=0)  # λ_gen of paper eq. 12 (paper: 1 when used)
+    energy_reg: float = knob(0.0, ge=0)  # α·(E_pos² + E_neg²), Du & Mordatch
 
 
 @dataclass
@@ -154,8 +162,9 @@ class Mle(Method):
         densities = {"ebm": -self.energy(x)}
         if self.cfg.sampler.kind == "ode":
             s = self.cfg.sampler
-            densities["flow"] = ode_log_density(self.energy, x, horizon=s.horizon, rtol=s.rtol, atol=s.atol,
-                                                solver=s.solver)
+            densities["flow"] = ode_log_density(
+                self.energy, x, horizon=s.horizon, rtol=s.rtol, atol=s.atol, solver=s.solver
+            )
         return densities
 
     def extra_state(self) -> dict:

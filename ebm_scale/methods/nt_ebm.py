@@ -9,6 +9,7 @@ maximum-likelihood step on E. `sampler.space=data` runs the same HMC on x direct
 the paper's contrast, which mixes far worse. `objective=nce` trains E instead by logistic regression of data
 against flow samples with a learned bias (logit = b − E(x)). The flow is stage 1 (`flow`), never updated here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebm_scale.schema import Config, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import PretrainConfig, load_backbone
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
@@ -25,6 +25,7 @@ from ebm_scale.methods.flow import FlowMethodConfig
 from ebm_scale.nets.energy import EnergyNetConfig, build_energy
 from ebm_scale.nets.flow import FlowConfig
 from ebm_scale.samplers import HmcStats, mean_grad_norm, sample_hmc
+from ebm_scale.schema import Config, knob
 
 SPACES = ("latent", "data")
 OBJECTIVES = ("mle", "nce")
@@ -32,14 +33,16 @@ OBJECTIVES = ("mle", "nce")
 
 @dataclass
 class NtEbmSamplerConfig(Config):
-    space: str = knob("latent", choices=SPACES, noun="chain space")  # latent (neural transport) | data (HMC on x: the paper's comparison)
+    space: str = knob(
+        "latent", choices=SPACES, noun="chain space"
+    )  # latent (neural transport) | data (HMC on x: the paper's comparison)
     steps: int = knob(20, ge=1)  # K HMC transitions per training iteration (paper: 20)
     leapfrog_steps: int = knob(3, ge=1)  # L (paper: 3)
     step_size: float = knob(0.15, gt=0)  # initial ε (paper: 0.15), adapted from there
     target_accept: float = knob(0.651, gt=0, lt=1)  # Beskos et al. 2013, as in the paper
     adapt: bool = True
     adapt_rate: float = knob(0.02, gt=0)  # ε ← ε·(1 + rate) when acceptance is above target, ε/(1 + rate) below
-    persistent: bool = True      # chains continue across iterations (paper); False = fresh from q_α each time
+    persistent: bool = True  # chains continue across iterations (paper); False = fresh from q_α each time
     sample_steps: int = knob(100, ge=1)  # transitions for sample(n), from fresh chains
 
 
@@ -48,12 +51,14 @@ class NtEbmConfig(Config):
     PREFIX = "method"
 
     name: str = knob("nt_ebm", choices=("nt_ebm",), noun="method")
-    backbone: str = ""           # runs:/<run_id>/backbone | a path to backbone.pt (or its folder) | "" = pretrain
-    flow: FlowConfig = field(default_factory=FlowConfig)       # used only when pretraining
+    backbone: str = ""  # runs:/<run_id>/backbone | a path to backbone.pt (or its folder) | "" = pretrain
+    flow: FlowConfig = field(default_factory=FlowConfig)  # used only when pretraining
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
     sampler: NtEbmSamplerConfig = field(default_factory=NtEbmSamplerConfig)
-    objective: str = knob("mle", choices=OBJECTIVES, noun="objective")  # mle (HMC negatives) | nce (flow samples as noise, learned bias)
+    objective: str = knob(
+        "mle", choices=OBJECTIVES, noun="objective"
+    )  # mle (HMC negatives) | nce (flow samples as noise, learned bias)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, betas=(0.99, 0.999)))  # paper A.4
 
 
@@ -115,8 +120,17 @@ class NtEbm(Method):
         """This model's HMC (its L, target acceptance and adaptation) on any energy: `_target(space)`, or a
         reference density (benchmarks/mixing.py runs the data-space sampler on the exact one)."""
         s = self.cfg.sampler
-        return sample_hmc(energy_fn, x0, steps=steps, leapfrog_steps=s.leapfrog_steps, step_size=step_size,
-                          target_accept=s.target_accept, adapt=s.adapt, adapt_rate=s.adapt_rate, callback=callback)
+        return sample_hmc(
+            energy_fn,
+            x0,
+            steps=steps,
+            leapfrog_steps=s.leapfrog_steps,
+            step_size=step_size,
+            target_accept=s.target_accept,
+            adapt=s.adapt,
+            adapt_rate=s.adapt_rate,
+            callback=callback,
+        )
 
     def _target(self, space: str):
         return self.latent_energy if space == "latent" else self.data_energy
@@ -145,9 +159,17 @@ class NtEbm(Method):
         loss = e_pos - e_neg
         grad_norm = self.optimizer_step(self.optimizers["energy"], loss, self.cfg.optim)
         loss = loss.detach()
-        return {"loss": loss, "loss/ml": loss, "energy/pos": e_pos.detach(), "energy/neg": e_neg.detach(),
-                "energy_gap": loss, "mcmc/accept_rate": stats.mean_accept(), "mcmc/step_size": stats.step_size,
-                "chain/grad_norm_last": mean_grad_norm(stats.last), "grad_norm": grad_norm}
+        return {
+            "loss": loss,
+            "loss/ml": loss,
+            "energy/pos": e_pos.detach(),
+            "energy/neg": e_neg.detach(),
+            "energy_gap": loss,
+            "mcmc/accept_rate": stats.mean_accept(),
+            "mcmc/step_size": stats.step_size,
+            "chain/grad_norm_last": mean_grad_norm(stats.last),
+            "grad_norm": grad_norm,
+        }
 
     def _nce_step(self, x_pos: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logistic regression, data = 1 vs flow samples = 0, logit = b − E(x): at the optimum b − E(x) =
@@ -160,9 +182,16 @@ class NtEbm(Method):
         loss = loss_data + loss_noise
         grad_norm = self.optimizer_step(self.optimizers["energy"], loss, self.cfg.optim)
         e_pos, e_noise = (self.networks["nce_bias"].b.detach() - logits.detach()).split(n)
-        return {"loss": loss.detach(), "loss/nce_data": loss_data.detach(), "loss/nce_noise": loss_noise.detach(),
-                "energy/pos": e_pos.mean(), "energy/neg": e_noise.mean(), "energy_gap": e_pos.mean() - e_noise.mean(),
-                "nce/bias": self.networks["nce_bias"].b.detach().clone(), "grad_norm": grad_norm}
+        return {
+            "loss": loss.detach(),
+            "loss/nce_data": loss_data.detach(),
+            "loss/nce_noise": loss_noise.detach(),
+            "energy/pos": e_pos.mean(),
+            "energy/neg": e_noise.mean(),
+            "energy_gap": e_pos.mean() - e_noise.mean(),
+            "nce/bias": self.networks["nce_bias"].b.detach().clone(),
+            "grad_norm": grad_norm,
+        }
 
     # --- sampling, density, diagnostics ---------------------------------------------------------------------
     def sample(self, n: int) -> torch.Tensor:
@@ -187,8 +216,13 @@ class NtEbm(Method):
         for space in SPACES:
             states: list[torch.Tensor] = []
             start = self._to_data(z0, "latent") if space == "data" else z0  # the same points for both samplers
-            self.hmc(self._target(space), start, length, self.cfg.sampler.step_size,
-                     callback=lambda info, space=space: states.append(self._to_data(info["x"], space)))
+            self.hmc(
+                self._target(space),
+                start,
+                length,
+                self.cfg.sampler.step_size,
+                callback=lambda info, space=space, states=states: states.append(self._to_data(info["x"], space)),
+            )
             traces[space] = torch.stack(states, dim=1)
         return traces
 
@@ -201,4 +235,3 @@ class NtEbm(Method):
         self.chains = None if state.get("chains") is None else state["chains"].to(self.device)
         if "step_size" in state:
             self.step_size = state["step_size"].to(self.device)
-

@@ -4,17 +4,18 @@ backbone file for `vaebm` (`method.backbone=runs:/<run_id>/backbone`).
 log_density is the importance-weighted bound (IWAE, `iw_samples` draws): on 2D data the platform normalises
 it by quadrature, which gives the VAE's own test log-likelihood — the number VAEBM must beat.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.schema import Config, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import backbone_state
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.nets.vae import VAE, VAEConfig
+from ebm_scale.schema import Config, knob
 
 
 @dataclass
@@ -56,8 +57,12 @@ class Vae(Method):
         grad_norm = self.optimizer_step(self.optimizers["vae"], loss, self.cfg.optim)
         # "elbo" is always the true bound (weight 1), so curves stay comparable across warm-up settings.
         # (The KL weight itself is not logged: it is kl_weight() of the step, known from the config.)
-        return {"loss": loss.detach(), "elbo": (reconstruction - kl).detach(), "kl": kl.detach(),
-                "grad_norm": grad_norm}
+        return {
+            "loss": loss.detach(),
+            "elbo": (reconstruction - kl).detach(),
+            "kl": kl.detach(),
+            "grad_norm": grad_norm,
+        }
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ stable early overshoots later; a fixed-step chain then scatters its negatives an
 (on 25gaussians every Langevin setting tried ran away: docs/results/vaebm.md). The MH test keeps the chain exact
 and the adaptation shrinks ε as the energy sharpens.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.schema import Config, knob
 from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import PretrainConfig, load_backbone
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
@@ -31,30 +31,39 @@ from ebm_scale.nets.energy import EnergyNetConfig, build_energy
 from ebm_scale.nets.spectral import SpectralPenalty
 from ebm_scale.nets.vae import VAEConfig
 from ebm_scale.samplers import ChainEnds, HmcStats, ReplayBuffer, mean_grad_norm, sample_hmc, sample_langevin
+from ebm_scale.schema import Config, knob
 
 SAMPLER_KINDS = ("langevin", "hmc")
 
 
 @dataclass
 class VaebmSamplerConfig(Config):
-    kind: str = knob("langevin", choices=SAMPLER_KINDS, noun="sampler")  # langevin (the paper) | hmc (Metropolis-corrected, step adapted; see the docstring)
-    step_size: float = knob(8e-5, gt=0)  # langevin: η, shared by ε_z and ε_x (paper Table 8, CIFAR-10); hmc: the initial
-                                 # leapfrog ε (for L = 1 the proposal is a Langevin step with η = ε²)
+    kind: str = knob(
+        "langevin", choices=SAMPLER_KINDS, noun="sampler"
+    )  # langevin (the paper) | hmc (Metropolis-corrected, step adapted; see the docstring)
+    step_size: float = knob(
+        8e-5, gt=0
+    )  # langevin: η, shared by ε_z and ε_x (paper Table 8, CIFAR-10); hmc: the initial
+    # leapfrog ε (for L = 1 the proposal is a Langevin step with η = ε²)
     steps: int = knob(10, ge=1)  # K at training
     sample_steps: int = knob(16, ge=1)  # K at test time (paper: longer chains than training, 16 vs 10)
     noise_scale: float = knob(1.0, ge=0)  # σ in ε ← ε − η/2 ∇U + σ√η ω (1 = Langevin proper)
-    buffer: bool = False         # persistent ε_z chains (ε_x always fresh)
+    buffer: bool = False  # persistent ε_z chains (ε_x always fresh)
     buffer_size: int = knob(10000, ge=1)
     buffer_max_prob: float = knob(0.6, ge=0, le=1)  # reuse probability p reached at the end of the ramp
     buffer_ramp_iters: int = knob(5000, ge=0)  # p rises linearly 0 → max over these iterations
     leapfrog_steps: int = knob(1, ge=1)  # hmc: L per transition (1 = MALA)
-    target_accept: float = knob(0.651, gt=0, lt=1)  # hmc: ε·(1 + adapt_rate) above it, ε/(1 + adapt_rate) below (as nt_ebm)
+    target_accept: float = knob(
+        0.651, gt=0, lt=1
+    )  # hmc: ε·(1 + adapt_rate) above it, ε/(1 + adapt_rate) below (as nt_ebm)
     adapt_rate: float = knob(0.02, gt=0)
 
 
 @dataclass
 class VaePretrainConfig(PretrainConfig):
-    kl_warmup: int = knob(0, ge=0, note="0 = no warm-up")  # the stage-1 VAE's KL warm-up (`vae`'s kl_warmup): iterations of the 0 → 1 ramp
+    kl_warmup: int = knob(
+        0, ge=0, note="0 = no warm-up"
+    )  # the stage-1 VAE's KL warm-up (`vae`'s kl_warmup): iterations of the 0 → 1 ramp
 
 
 @dataclass
@@ -62,17 +71,20 @@ class VaebmConfig(Config):
     PREFIX = "method"
 
     name: str = knob("vaebm", choices=("vaebm",), noun="method")
-    backbone: str = ""           # runs:/<run_id>/backbone | a path to backbone.pt (or its folder) | "" = pretrain
-    vae: VAEConfig = field(default_factory=VAEConfig)          # used only when pretraining
+    backbone: str = ""  # runs:/<run_id>/backbone | a path to backbone.pt (or its folder) | "" = pretrain
+    vae: VAEConfig = field(default_factory=VAEConfig)  # used only when pretraining
     pretrain: VaePretrainConfig = field(default_factory=VaePretrainConfig)
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
     sampler: VaebmSamplerConfig = field(default_factory=VaebmSamplerConfig)
     spectral_weight: float = knob(0.2, ge=0)  # paper: 0.2
-    energy_reg: float = knob(0.0, ge=0)  # α·mean(E_pos² + E_neg²) (Du & Mordatch 2019; not in paper 003): keeps E bounded
+    energy_reg: float = knob(
+        0.0, ge=0
+    )  # α·mean(E_pos² + E_neg²) (Du & Mordatch 2019; not in paper 003): keeps E bounded
     iw_samples: int = knob(100, ge=1)  # importance samples for log p_vae in log_density (paper's 2D table: 10k)
     # Paper / public code: Adam β = (0.99, 0.999), weight decay 3e-5, IGEBM elementwise clipping at 3 std.
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=4e-5, betas=(0.99, 0.999), weight_decay=3e-5, clip_elementwise_std=3.0))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=4e-5, betas=(0.99, 0.999), weight_decay=3e-5, clip_elementwise_std=3.0)
+    )
 
 
 class NoiseSpace:
@@ -88,8 +100,10 @@ class NoiseSpace:
 
     def unpack(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = eps.shape[0]
-        return (eps[:, :self.latent_dim].reshape(n, *self.latent_shape),
-                eps[:, self.latent_dim:].reshape(n, *self.data_shape))
+        return (
+            eps[:, : self.latent_dim].reshape(n, *self.latent_shape),
+            eps[:, self.latent_dim :].reshape(n, *self.data_shape),
+        )
 
 
 @register_method
@@ -110,16 +124,23 @@ class Vaebm(Method):
         self.spectral = SpectralPenalty(energy)
         self.space = NoiseSpace(self.vae.latent_shape, spec.shape)
         s = cfg.sampler
-        self.buffer = ReplayBuffer(self.vae.latent_shape, self.device, capacity=s.buffer_size, reinit_prob=1.0) \
-            if s.buffer else None
+        self.buffer = (
+            ReplayBuffer(self.vae.latent_shape, self.device, capacity=s.buffer_size, reinit_prob=1.0)
+            if s.buffer
+            else None
+        )
         self.iteration = 0
         self.step_size = torch.tensor(s.step_size, device=self.device)  # hmc: the adapted ε, carried across iterations
 
     @classmethod
     def backbone_method_config(cls, cfg: VaebmConfig) -> VaeConfig:
         """Stage 1's method config when the engine pretrains the backbone."""
-        return VaeConfig(vae=cfg.vae, iw_samples=cfg.iw_samples, kl_warmup=cfg.pretrain.kl_warmup,
-                         optim=OptimConfig(lr=cfg.pretrain.lr))
+        return VaeConfig(
+            vae=cfg.vae,
+            iw_samples=cfg.iw_samples,
+            kl_warmup=cfg.pretrain.kl_warmup,
+            optim=OptimConfig(lr=cfg.pretrain.lr),
+        )
 
     @property
     def energy(self) -> torch.nn.Module:
@@ -136,11 +157,19 @@ class Vaebm(Method):
         adapted during training) and reports its adapted ε through the callback; langevin uses the fixed η."""
         s = self.cfg.sampler
         if s.kind == "hmc":
-            return sample_hmc(self.noise_energy, eps0, steps=steps, leapfrog_steps=s.leapfrog_steps,
-                              step_size=self.step_size if step_size is None else step_size,
-                              target_accept=s.target_accept, adapt_rate=s.adapt_rate, callback=callback)
-        return sample_langevin(self.noise_energy, eps0, steps=steps, step_size=s.step_size,
-                               noise_scale=s.noise_scale, callback=callback)
+            return sample_hmc(
+                self.noise_energy,
+                eps0,
+                steps=steps,
+                leapfrog_steps=s.leapfrog_steps,
+                step_size=self.step_size if step_size is None else step_size,
+                target_accept=s.target_accept,
+                adapt_rate=s.adapt_rate,
+                callback=callback,
+            )
+        return sample_langevin(
+            self.noise_energy, eps0, steps=steps, step_size=s.step_size, noise_scale=s.noise_scale, callback=callback
+        )
 
     def to_data(self, eps: torch.Tensor) -> torch.Tensor:
         eps_z, eps_x = self.space.unpack(eps)
@@ -161,8 +190,10 @@ class Vaebm(Method):
             eps_z = torch.randn(n, *self.vae.latent_shape, device=self.device)
         ends = HmcStats() if s.kind == "hmc" else ChainEnds()
         eps = self.run_chains(self.space.pack(eps_z, eps_x), s.steps, callback=ends)
-        chain_metrics = {"chain/grad_norm_first": mean_grad_norm(ends.first),
-                         "chain/grad_norm_last": mean_grad_norm(ends.last)}
+        chain_metrics = {
+            "chain/grad_norm_first": mean_grad_norm(ends.first),
+            "chain/grad_norm_last": mean_grad_norm(ends.last),
+        }
         if s.kind == "hmc":
             self.step_size = ends.step_size
             chain_metrics.update({"mcmc/accept_rate": ends.mean_accept(), "mcmc/step_size": ends.step_size})
@@ -188,8 +219,15 @@ class Vaebm(Method):
             metrics["loss/spectral"] = loss_spectral.detach()
         grad_norm = self.optimizer_step(self.optimizers["energy"], loss, cfg.optim)
         loss_ml = loss_ml.detach()
-        return {"loss": loss.detach(), "loss/ml": loss_ml, **metrics, "energy/pos": e_pos.detach(),
-                "energy/neg": e_neg.detach(), "energy_gap": loss_ml, "grad_norm": grad_norm}
+        return {
+            "loss": loss.detach(),
+            "loss/ml": loss_ml,
+            **metrics,
+            "energy/pos": e_pos.detach(),
+            "energy/neg": e_neg.detach(),
+            "energy_gap": loss_ml,
+            "grad_norm": grad_norm,
+        }
 
     def sample(self, n: int) -> torch.Tensor:
         """Test-time chains: fresh ε ~ N(0, I), `sample_steps` sampler steps, pushed through T."""
@@ -208,14 +246,21 @@ class Vaebm(Method):
         """The configured sampler in ε-space from fresh noise (hmc from its initial ε, as nt_ebm's long chains),
         recorded as data-space points x = T(ε) at every step."""
         states: list[torch.Tensor] = []
-        self.run_chains(init_scale * torch.randn(chains, self.space.dim, device=self.device), length,
-                        step_size=self.cfg.sampler.step_size,
-                        callback=lambda info: states.append(self.to_data(info["x"])))
+        self.run_chains(
+            init_scale * torch.randn(chains, self.space.dim, device=self.device),
+            length,
+            step_size=self.cfg.sampler.step_size,
+            callback=lambda info: states.append(self.to_data(info["x"])),
+        )
         return {f"eps_{self.cfg.sampler.kind}": torch.stack(states, dim=1)}
 
     def extra_state(self) -> dict:
-        return {"iteration": self.iteration, "step_size": self.step_size.clone(), "spectral": self.spectral.state_dict(),
-                "buffer": self.buffer.state_dict() if self.buffer is not None else {}}
+        return {
+            "iteration": self.iteration,
+            "step_size": self.step_size.clone(),
+            "spectral": self.spectral.state_dict(),
+            "buffer": self.buffer.state_dict() if self.buffer is not None else {},
+        }
 
     def load_extra_state(self, state: dict) -> None:
         if not state:

@@ -1,4 +1,5 @@
 """Evaluation metrics: quadrature log-likelihood (2D), Sinkhorn distance, and the toy-data evaluation."""
+
 from ebm_scale.metrics.likelihood import (
     DensityGrid,
     evaluate_in_chunks,

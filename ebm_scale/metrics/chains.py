@@ -4,6 +4,7 @@ A method that runs Markov chains exposes `long_chains(m, length)` → {label: (m
 traces}; this runs them, reduces each label's traces to R̂ / ESS / autocorrelation (metrics.mcmc) and draws
 the pictures. Labels let one method contrast samplers on the same model (NT-EBM: "latent" vs "data").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,12 +35,16 @@ class McmcEvalConfig(Config):
     init_scale: float = knob(1.0, gt=0)
 
     def rules(self):
-        yield Rule("burn_in", self.burn_in <= self.length - 2,
-                   f"must be in [0, length - 2] = [0, {self.length - 2}], got {self.burn_in}")
+        yield Rule(
+            "burn_in",
+            self.burn_in <= self.length - 2,
+            f"must be in [0, length - 2] = [0, {self.length - 2}], got {self.burn_in}",
+        )
 
 
-def evaluate_chains(method, cfg: McmcEvalConfig, out_dir: Path | str | None, step: int, final: bool,
-                    plots: bool = True) -> tuple[dict[str, float], list[Path]]:
+def evaluate_chains(
+    method, cfg: McmcEvalConfig, out_dir: Path | str | None, step: int, final: bool, plots: bool = True
+) -> tuple[dict[str, float], list[Path]]:
     """eval/mcmc/<label>/<statistic> metrics and the R̂, autocorrelation and trace PNGs."""
     if cfg.when == "never" or (cfg.when == "final" and not final):
         return {}, []
@@ -50,8 +55,10 @@ def evaluate_chains(method, cfg: McmcEvalConfig, out_dir: Path | str | None, ste
 
     metrics: dict[str, float] = {}
     rhats, acfs = {}, {}
-    kept = {label: _subset(t.detach().flatten(2).double().cpu()[:, cfg.burn_in:], cfg.max_dims)
-            for label, t in traces.items()}
+    kept = {
+        label: _subset(t.detach().flatten(2).double().cpu()[:, cfg.burn_in :], cfg.max_dims)
+        for label, t in traces.items()
+    }
     lags = (1, 10, 100)
     for label, t in kept.items():
         # Each array once: the logged scalars and the pictures are both read off them.
@@ -59,13 +66,15 @@ def evaluate_chains(method, cfg: McmcEvalConfig, out_dir: Path | str | None, ste
         acfs[label] = mcmc.autocorrelation(t, min(max(cfg.max_lag, *lags), t.shape[1] - 1))
         summary = mcmc.summarize(t.shape, rhats[label], mcmc.effective_sample_size(t), acfs[label], lags)
         metrics.update({f"eval/mcmc/{label}/{k}": v for k, v in summary.items()})
-        acfs[label] = acfs[label][:, :cfg.max_lag + 1]
+        acfs[label] = acfs[label][:, : cfg.max_lag + 1]
     if out_dir is None or not plots:
         return metrics, []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [mcmc.plot_rhat(rhats, out / f"mcmc_rhat_{step:06d}.png"),
-             mcmc.plot_autocorrelation(acfs, out / f"mcmc_autocorr_{step:06d}.png")]
+    paths = [
+        mcmc.plot_rhat(rhats, out / f"mcmc_rhat_{step:06d}.png"),
+        mcmc.plot_autocorrelation(acfs, out / f"mcmc_autocorr_{step:06d}.png"),
+    ]
     for label, t in traces.items():
         if t.flatten(2).shape[-1] == 2:  # trajectories are only drawable for 2D data
             paths.append(mcmc.plot_traces(t.detach().cpu(), out / f"mcmc_traces_{label}_{step:06d}.png"))

@@ -8,6 +8,7 @@ Log densities are evaluated chunk by chunk with autograd *enabled* by default: s
 continuous flow's divergence, a score obtained by differentiating an energy). Each chunk's output is
 detached at once, so no graph outlives its chunk. Pass no_grad=True when the callable needs no autograd.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,8 @@ DEFAULT_CHUNK = 8192
 
 
 class DensityGrid(NamedTuple):
-    """log p̃ at the cell centres of a square grid; `values[i, j]` is at (xs[j], ys[i]) — rows are y, as images are drawn."""
+    """log p̃ at the cell centres of a square grid; `values[i, j]` is at (xs[j], ys[i]): rows are y, as images
+    are drawn."""
 
     xs: Tensor  # (G,)
     ys: Tensor  # (G,)
@@ -112,8 +114,9 @@ def resolution_gap(grid: DensityGrid, log_z: float) -> float:
     return abs(log_z - coarse_z)
 
 
-def split_by_mode(grid: DensityGrid, log_z: float, test_log_density: Tensor, x_test: Tensor,
-                  modes: Tensor) -> tuple[float, float]:
+def split_by_mode(
+    grid: DensityGrid, log_z: float, test_log_density: Tensor, x_test: Tensor, modes: Tensor
+) -> tuple[float, float]:
     """A density's test log-likelihood split at a mixture's modes: (E log w_k(x), E log p(x | k(x))), which sum
     to it.
 
@@ -143,9 +146,9 @@ def quadrature_log_likelihoods(
 ) -> tuple[dict[str, dict[str, float]], dict[str, DensityGrid]]:
     """Quadrature test log-likelihood of every named density of a dict-valued fn.
 
-    Returns ({name: {log_likelihood, log_z, boundary_mass, resolution_gap}}, {name: DensityGrid}); the grids come back so
-    callers can plot them without evaluating the density twice. Given a mixture's `modes` (K, 2), each report
-    also carries the two parts of split_by_mode: `mode_weights_ll` and `within_mode_ll`.
+    Returns ({name: {log_likelihood, log_z, boundary_mass, resolution_gap}}, {name: DensityGrid}); the grids
+    come back so callers can plot them without evaluating the density twice. Given a mixture's `modes` (K, 2),
+    each report also carries the two parts of split_by_mode: `mode_weights_ll` and `within_mode_ll`.
     """
     grids = log_density_grids(fn, bounds, grid_size, **chunk_kwargs)
     test_values = evaluate_in_chunks(fn, x_test, **chunk_kwargs)

@@ -8,6 +8,7 @@ inside the functions: it takes seconds to import and training workers never need
 Cost: arviz works on the host in float64 and loops over dimensions for ESS. 2D toys take milliseconds; image
 chains (64 × 1600 × 3072) take minutes, so pass a subset of dimensions there.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,12 +72,20 @@ def mcmc_summary(traces, burn_in: int = 0, max_lags=(1, 10, 100)) -> dict[str, f
     return summarize(x.shape, gelman_rubin(x), effective_sample_size(x), acf, max_lags)
 
 
-def summarize(shape, rhat: np.ndarray, ess: np.ndarray, acf: np.ndarray | None, max_lags=(1, 10, 100)) -> dict[str, float]:
+def summarize(
+    shape, rhat: np.ndarray, ess: np.ndarray, acf: np.ndarray | None, max_lags=(1, 10, 100)
+) -> dict[str, float]:
     """mcmc_summary's scalars from already computed R̂ (d,), ESS (d,) and autocorrelation (m, L+1, d) of traces
     of `shape` (m, n, d): callers that also plot the arrays compute each once."""
     m, n = shape[0], shape[1]
-    summary = {"rhat_mean": rhat.mean(), "rhat_max": rhat.max(), "rhat_converged": (rhat < RHAT_THRESHOLD).mean(),
-               "ess_mean": ess.mean(), "ess_min": ess.min(), "ess_per_draw": ess.mean() / (m * n)}
+    summary = {
+        "rhat_mean": rhat.mean(),
+        "rhat_max": rhat.max(),
+        "rhat_converged": (rhat < RHAT_THRESHOLD).mean(),
+        "ess_mean": ess.mean(),
+        "ess_min": ess.min(),
+        "ess_per_draw": ess.mean() / (m * n),
+    }
     if acf is not None:
         summary.update({f"autocorr_lag{k}": acf[:, k].mean() for k in max_lags if k < min(n, acf.shape[1])})
     return {k: float(v) for k, v in summary.items()}
@@ -110,8 +119,9 @@ def plot_autocorrelation(acf_by_label: Mapping[str, object], path: Path | str, t
     if not acf_by_label:
         raise ValueError("plot_autocorrelation needs at least one label")
     fig, (ax,) = _figure(1)
-    for colour, (label, acf) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"),
-                                    acf_by_label.items()):
+    for colour, (label, acf) in zip(
+        ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), acf_by_label.items()
+    ):
         acf = _array(acf)
         per_lag = np.moveaxis(acf.reshape(acf.shape[0], acf.shape[1], -1), 1, 0).reshape(acf.shape[1], -1)
         lags = np.arange(per_lag.shape[0])
@@ -145,7 +155,7 @@ def plot_traces(traces, path: Path | str, chains: int = 4, title: str | None = N
         raise ValueError(f"plot_traces draws 2D chains, got {x.shape[-1]} dimensions")
     fig, (ax,) = _figure(1)
     for i in range(min(chains, x.shape[0])):
-        line, = ax.plot(x[i, :, 0], x[i, :, 1], linewidth=0.6, alpha=0.8, label=f"chain {i}")
+        (line,) = ax.plot(x[i, :, 0], x[i, :, 1], linewidth=0.6, alpha=0.8, label=f"chain {i}")
         ax.plot(x[i, 0, 0], x[i, 0, 1], "o", color=line.get_color(), markersize=5)
     ax.set_aspect("equal")
     ax.set_xlabel("$x_1$")

@@ -12,10 +12,10 @@ tests/test_metrics.py checks cost and plan against `ot.dist` + `ot.sinkhorn2(met
 
 Everything runs in float64 on the inputs' device with a fixed sequence of operations: deterministic.
 """
+
 from __future__ import annotations
 
 import math
-
 from typing import Callable
 
 import numpy as np
@@ -54,7 +54,8 @@ def sinkhorn_distance(
 
     C = SINKHORN_COSTS[cost](x, y), equal to ot.dist(x, y, metric=cost); `reg` is the entropic ε in the units
     of C. `num_iter` caps the Sinkhorn iterations at the target ε (ε-scaling adds ~10 per halving of ε before
-    that); iteration stops early once the marginals are met to `tol` in L1. Non-finite points make the distance infinite (returned, not raised).
+    that); iteration stops early once the marginals are met to `tol` in L1. Non-finite points make the distance
+    infinite (returned, not raised).
     """
     if cost not in SINKHORN_COSTS:
         raise ValueError(f"unknown Sinkhorn cost {cost!r}; allowed: {', '.join(SINKHORN_COSTS)}")

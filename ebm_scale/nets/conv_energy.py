@@ -18,6 +18,7 @@ stage's width, except that the LAST stage repeats it — Table 4 is 1 | 2, 4, 4 
 Sign: the nets output one unnormalised scalar per sample. Paper 002's f is a NEGATIVE energy (p ∝ exp f),
 ours is E with p ∝ exp(−E); which sign the scalar carries is a convention the training method applies.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,12 @@ def _num_stages(shape: tuple[int, ...], arch: str, prefix: str) -> int:
     """Stride-2 stages taking a (C, 2^k, 2^k) image down to 4×4; rejects every other shape."""
     side = shape[-1] if len(shape) == 3 else 0
     ok = len(shape) == 3 and shape[0] >= 1 and shape[1] == side and side >= 8 and side & (side - 1) == 0
-    require(ok, f"{prefix}.arch", f"{arch} needs (C, H, W) images with H == W a power of two >= 8 "
-            f"(8, 16, 32, 64, ...), got shape {tuple(shape)}; resize/pad the data or use an MLP energy")
+    require(
+        ok,
+        f"{prefix}.arch",
+        f"{arch} needs (C, H, W) images with H == W a power of two >= 8 "
+        f"(8, 16, 32, 64, ...), got shape {tuple(shape)}; resize/pad the data or use an MLP energy",
+    )
     return int(math.log2(side)) - 2
 
 

@@ -12,6 +12,7 @@ Every built module takes t as an (n,) tensor (integer steps or floats) or a 0-d 
 * build_encoder:     q(x_prev, x_t, t)  (n, *shape) ×2, t → (mean, log_var), each (n, z_dim)
 * build_control:     u(x, t)            (n, *shape), t → (n, *shape)   (DiffEBM's control; mlp: use fourier)
 """
+
 from __future__ import annotations
 
 import math
@@ -32,15 +33,15 @@ class DiffusionNetConfig(Config):
     # mlp (any shape, flattened) | unet (images (C, H, W))
     arch: str = knob("mlp", choices=DIFFUSION_ARCHS, noun="diffusion network")
     # The other fields are checked through the chosen arch's own config (rules): only its fields matter.
-    hidden: int = 300                 # mlp width
-    layers: int = 3                   # mlp Linear layers in total, output included
-    activation: str = "prelu"         # both archs (images: swish)
-    embedding: str = "sinusoidal"     # both archs: sinusoidal (integer steps) | fourier (t ∈ [0, 1])
-    embed_dim: int = 64               # both archs
-    time_scale: float = 1.0           # both archs: t · time_scale is embedded (t ∈ [0, 1] + sinusoidal: ~1000)
-    channels: int = 32                # unet base width
+    hidden: int = 300  # mlp width
+    layers: int = 3  # mlp Linear layers in total, output included
+    activation: str = "prelu"  # both archs (images: swish)
+    embedding: str = "sinusoidal"  # both archs: sinusoidal (integer steps) | fourier (t ∈ [0, 1])
+    embed_dim: int = 64  # both archs
+    time_scale: float = 1.0  # both archs: t · time_scale is embedded (t ∈ [0, 1] + sinusoidal: ~1000)
+    channels: int = 32  # unet base width
     channel_mults: tuple[int, ...] = (1, 2)  # unet: one level each; H and W divisible by 2^(len − 1)
-    blocks_per_level: int = 1         # unet residual blocks per level
+    blocks_per_level: int = 1  # unet residual blocks per level
 
     def rules(self):
         yield self._mlp() if self.arch == "mlp" else self._unet()
@@ -51,13 +52,25 @@ class DiffusionNetConfig(Config):
             self._unet().check_shape(tuple(shape), prefix)
 
     def _mlp(self) -> TimeMLPConfig:
-        return TimeMLPConfig(hidden=self.hidden, layers=self.layers, activation=self.activation,
-                             embedding=self.embedding, embed_dim=self.embed_dim, time_scale=self.time_scale)
+        return TimeMLPConfig(
+            hidden=self.hidden,
+            layers=self.layers,
+            activation=self.activation,
+            embedding=self.embedding,
+            embed_dim=self.embed_dim,
+            time_scale=self.time_scale,
+        )
 
     def _unet(self) -> UNetConfig:
-        return UNetConfig(channels=self.channels, channel_mults=tuple(self.channel_mults),
-                          blocks_per_level=self.blocks_per_level, embed_dim=self.embed_dim,
-                          activation=self.activation, embedding=self.embedding, time_scale=self.time_scale)
+        return UNetConfig(
+            channels=self.channels,
+            channel_mults=tuple(self.channel_mults),
+            blocks_per_level=self.blocks_per_level,
+            embed_dim=self.embed_dim,
+            activation=self.activation,
+            embedding=self.embedding,
+            time_scale=self.time_scale,
+        )
 
 
 def _checked(shape: tuple[int, ...], cfg: DiffusionNetConfig, prefix: str) -> tuple[int, ...]:
@@ -88,17 +101,19 @@ class FlatEncoder(nn.Module):
         self.net = TimeMLP(2 * math.prod(shape), 2 * z_dim, cfg)
         self.z_dim = z_dim
 
-    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor,
-                t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.net((x_prev, x_t), t)
-        return out[:, :self.z_dim], out[:, self.z_dim:]
+        return out[:, : self.z_dim], out[:, self.z_dim :]
 
 
 class NoLatentEncoder(nn.Module):
     """The encoder when z_dim = 0: empty (n, 0) mean and log_var, no parameters (nothing to infer)."""
 
-    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor,
-                t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         empty = x_t.new_zeros(len(x_t), 0)
         return empty, empty
 

@@ -4,6 +4,7 @@ of their recent networks rather than the latest one (ddaebm, diffebm).
 Why: a network trained against a moving partner (an adversarial energy, a control chasing an energy) carries
 step-to-step noise in its weights; samples and densities read off one step inherit it, the average much less.
 """
+
 from __future__ import annotations
 
 import copy

@@ -10,6 +10,7 @@ needed here (the EBM lives on the full latent), so there is one level.
 
 Every layer has `encode(h) -> (h, log|det ∂out/∂in|)` (x → z) and `decode(h)` (z → x), both per sample.
 """
+
 from __future__ import annotations
 
 import math
@@ -179,14 +180,14 @@ class Coupling(nn.Module):
         return shift, LOG_SCALE_BOUND * torch.tanh(raw / LOG_SCALE_BOUND)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = x[:, :self.split], x[:, self.split:]
+        a, b = x[:, : self.split], x[:, self.split :]
         shift, log_scale = self._shift_log_scale(a)
         if log_scale is None:
             return torch.cat([a, b + shift], 1), x.new_zeros(x.shape[0])
         return torch.cat([a, b * torch.exp(log_scale) + shift], 1), log_scale.flatten(1).sum(1)
 
     def decode(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = y[:, :self.split], y[:, self.split:]
+        a, b = y[:, : self.split], y[:, self.split :]
         shift, log_scale = self._shift_log_scale(a)
         if log_scale is None:
             return torch.cat([a, b - shift], 1), y.new_zeros(y.shape[0])

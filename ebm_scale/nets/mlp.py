@@ -3,6 +3,7 @@
 Paper 000 (appendix A.1) uses "a 5-layer fully connected network with 256 hidden units and swish
 activation"; here `layers` counts Linear layers, so the default is 2 → 256 → 256 → 256 → 256 → 1.
 """
+
 from __future__ import annotations
 
 import math

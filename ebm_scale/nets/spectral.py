@@ -5,6 +5,7 @@ its energy with weight 0.2 to keep the energy smooth, which keeps Langevin in it
 and accurate after a few training steps because the weights move slowly. Convolution weights are taken as
 (out, in·k·k) matrices — the usual proxy, not the operator norm of the convolution itself.
 """
+
 from __future__ import annotations
 
 import torch

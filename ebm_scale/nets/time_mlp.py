@@ -12,6 +12,7 @@ The inputs may be several tensors, concatenated (each flattened) along dim 1: th
 G(x_t, z, t) is ``TimeMLP(dim + z_dim, dim)`` called on ``(x_t, z)``, its encoder q(z | x_{t-1}, x_t, t)
 is ``TimeMLP(2 * dim, 2 * z_dim)`` called on ``(x_prev, x_t)``; z may be an empty (n, 0) tensor.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -16,6 +16,7 @@ Time conditioning: emb(t · time_scale) (+ Linear(cond) when conditioned) → Li
 then each block adds its own Linear of that, per channel, to its normalised first-conv output.
 GroupNorm groups: the largest divisor of the width that is ≤ 8 (8 for the usual widths).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,18 +46,27 @@ class UNetConfig(Config):
 
     def rules(self):
         mults = list(self.channel_mults)  # OmegaConf hands tuples back as lists
-        yield Rule("channel_mults", all(isinstance(m, int) for m in mults),
-                   f"must be a non-empty list of integers >= 1, got {mults}")
+        yield Rule(
+            "channel_mults",
+            all(isinstance(m, int) for m in mults),
+            f"must be a non-empty list of integers >= 1, got {mults}",
+        )
         yield even_embed_dim(self.embed_dim)
 
     def check_shape(self, shape: tuple[int, ...], prefix: str) -> None:
         """The data-dependent rules (the data's shape is known only next to the config, not inside it)."""
-        require(len(shape) == 3 and min(shape) >= 1, f"{prefix}.arch",
-                f"unet needs images (C, H, W), got shape {tuple(shape)}; use the mlp arch for flat data")
+        require(
+            len(shape) == 3 and min(shape) >= 1,
+            f"{prefix}.arch",
+            f"unet needs images (C, H, W), got shape {tuple(shape)}; use the mlp arch for flat data",
+        )
         factor = 2 ** (len(self.channel_mults) - 1)
-        require(shape[1] % factor == 0 and shape[2] % factor == 0, f"{prefix}.channel_mults",
-                f"{len(self.channel_mults)} levels halve H and W {len(self.channel_mults) - 1} times, so both must "
-                f"be divisible by {factor}; got {shape[1]}x{shape[2]}")
+        require(
+            shape[1] % factor == 0 and shape[2] % factor == 0,
+            f"{prefix}.channel_mults",
+            f"{len(self.channel_mults)} levels halve H and W {len(self.channel_mults) - 1} times, so both must "
+            f"be divisible by {factor}; got {shape[1]}x{shape[2]}",
+        )
 
 
 def _groups(width: int) -> int:
@@ -126,8 +136,10 @@ class UNet(nn.Module):
         self.stem = _conv3(in_channels, widths[0])
 
         def blocks(c_in: int, c_out: int) -> nn.ModuleList:
-            return nn.ModuleList(TimeResBlock(c_in if i == 0 else c_out, c_out, cfg.embed_dim, cfg.activation)
-                                 for i in range(cfg.blocks_per_level))
+            return nn.ModuleList(
+                TimeResBlock(c_in if i == 0 else c_out, c_out, cfg.embed_dim, cfg.activation)
+                for i in range(cfg.blocks_per_level)
+            )
 
         self.down, self.downsample, w_in = nn.ModuleList(), nn.ModuleList(), widths[0]
         for i, w in enumerate(widths):
@@ -142,8 +154,9 @@ class UNet(nn.Module):
             if i > 0:
                 self.upsample.append(_conv3(widths[i], widths[i]))  # after a nearest ×2 (no checkerboard artefacts)
             w_in = widths[i]
-        self.out = nn.Sequential(nn.GroupNorm(_groups(w_in), w_in), ACTIVATIONS[cfg.activation](),
-                                 _conv3(w_in, out_channels))
+        self.out = nn.Sequential(
+            nn.GroupNorm(_groups(w_in), w_in), ACTIVATIONS[cfg.activation](), _conv3(w_in, out_channels)
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         temb = self.time(t, len(x), cond)
@@ -206,8 +219,10 @@ class ConvEncoder(nn.Module):
         self.stem = _conv3(2 * shape[0], widths[0])  # x_{t−1} and x_t stacked on channels
         self.blocks, w_in = nn.ModuleList(), widths[0]
         for i, w in enumerate(widths):
-            self.blocks.extend(TimeResBlock(w_in if j == 0 else w, w, cfg.embed_dim, cfg.activation)
-                               for j in range(cfg.blocks_per_level))
+            self.blocks.extend(
+                TimeResBlock(w_in if j == 0 else w, w, cfg.embed_dim, cfg.activation)
+                for j in range(cfg.blocks_per_level)
+            )
             if i < len(widths) - 1:
                 self.blocks.append(_conv3(w, w, stride=2))
             w_in = w
@@ -215,11 +230,12 @@ class ConvEncoder(nn.Module):
         self.head = nn.Linear(w_in, 2 * z_dim)
         self.z_dim = z_dim
 
-    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor,
-                t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         temb = self.time(t, len(x_t))
         h = self.stem(torch.cat([x_prev, x_t], dim=1))
         for block in self.blocks:
             h = block(h, temb) if isinstance(block, TimeResBlock) else block(h)
         out = self.head(self.act(self.norm(h)).mean((2, 3)))  # global average pool, then Linear
-        return out[:, :self.z_dim], out[:, self.z_dim:]
+        return out[:, : self.z_dim], out[:, self.z_dim :]

@@ -5,6 +5,7 @@ T(ε_z, ε_x) = (μ_x(z) + σ_x(z)·ε_x, z = ε_z) to run Langevin in noise spa
 log p(x) to report the VAE's own test likelihood next to VAEBM's (section 5.4: IWAE with 10k samples).
 Paper 003's 2D setup is the default: encoder and decoder MLPs with 4 hidden layers of 256, latent 20.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,12 @@ class VAEConfig(Config):
     # the density to infinity; Mattei & Frellsen 2018), and VAEBM's Langevin moves x by σ_x·Δε_x, so a collapsed
     # σ_x freezes x given z. As a floor it should sit below the data's own noise scale: 25gaussians' modes have
     # std 0.08, so the default 0.1 is too high there (use ~0.02).
-    sigma_x: float = knob(0.1, ge=math.exp(LOG_SIGMA_MIN), lt=math.exp(LOG_SIGMA_MAX),
-                          note=f"exp of the log σ clamp [{LOG_SIGMA_MIN:g}, {LOG_SIGMA_MAX:g}]")
+    sigma_x: float = knob(
+        0.1,
+        ge=math.exp(LOG_SIGMA_MIN),
+        lt=math.exp(LOG_SIGMA_MAX),
+        note=f"exp of the log σ clamp [{LOG_SIGMA_MIN:g}, {LOG_SIGMA_MAX:g}]",
+    )
 
     def check_shape(self, shape: tuple[int, ...], prefix: str) -> None:
         """The data-dependent rules (the data's shape is known only next to the config, not inside it)."""
@@ -53,8 +58,11 @@ class VAEConfig(Config):
         ok = len(shape) == 3 and shape[1] == shape[2] and shape[1] >= 8 and shape[1] & (shape[1] - 1) == 0
         require(ok, f"{prefix}.arch", f"conv needs images (C, H, W) with H = W a power of 2 >= 8, got {tuple(shape)}")
         most = shape[1].bit_length() - 1
-        require(self.layers <= most, f"{prefix}.layers",
-                f"{self.layers} stride-2 stages do not fit a {shape[1]}x{shape[2]} image (at most {most})")
+        require(
+            self.layers <= most,
+            f"{prefix}.layers",
+            f"{self.layers} stride-2 stages do not fit a {shape[1]}x{shape[2]} image (at most {most})",
+        )
 
 
 class _Affine(nn.Module):
@@ -156,8 +164,10 @@ class VAE(nn.Module):
     def noise(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε_z, ε_x) ~ N(0, I) on the VAE's device and dtype: the starting point of VAEBM's chains."""
         p = next(self.parameters())
-        return (torch.randn(n, *self.latent_shape, device=p.device, dtype=p.dtype),
-                torch.randn(n, *self.shape, device=p.device, dtype=p.dtype))
+        return (
+            torch.randn(n, *self.latent_shape, device=p.device, dtype=p.dtype),
+            torch.randn(n, *self.shape, device=p.device, dtype=p.dtype),
+        )
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ what the consumer reduces (e.g. `mean_grad_norm` on the steps it cares about), a
 The knobs are keyword-only and named like the config fields that set them, so a method can fill them
 from its config by name (see `sampler_knobs`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,12 +33,28 @@ _CONVENTION_ARGS = {"energy_fn", "x0", "create_graph", "callback"}
 
 def sampler_knobs(sampler: Callable) -> tuple[str, ...]:
     """The keyword-only knobs a sampler takes beyond the shared convention, e.g. ("steps", "step_size")."""
-    return tuple(name for name, p in inspect.signature(sampler).parameters.items()
-                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _CONVENTION_ARGS)
+    return tuple(
+        name
+        for name, p in inspect.signature(sampler).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _CONVENTION_ARGS
+    )
 
 
 __all__ = [
-    "CHAIN_INITS", "ChainEnds", "ChainInit", "DataInit", "HmcStats", "NoiseInit", "ODE_SOLVERS", "ReplayBuffer", "SAMPLERS",
-    "mean_grad_norm", "ode_log_density", "sample_euler", "sample_langevin", "sample_ode", "sampler_knobs",
+    "CHAIN_INITS",
+    "ChainEnds",
+    "ChainInit",
+    "DataInit",
+    "HmcStats",
+    "NoiseInit",
+    "ODE_SOLVERS",
+    "ReplayBuffer",
+    "SAMPLERS",
+    "mean_grad_norm",
+    "ode_log_density",
+    "sample_euler",
+    "sample_langevin",
+    "sample_ode",
+    "sampler_knobs",
     "sample_hmc",
 ]

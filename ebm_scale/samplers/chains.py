@@ -8,6 +8,7 @@ Paper 000 always starts from fresh N(0, I) noise ("we do not use persistent samp
 interpret the model as a generator with fixed prior"); the replay buffer is Du & Mordatch's (2019)
 persistent variant, and data initialisation is contrastive divergence's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,14 @@ class ReplayBuffer(ChainInit):
     init/update never synchronise with the device.
     """
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device | str = "cpu", *,
-                 capacity: int = 10000, reinit_prob: float = 0.05):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device | str = "cpu",
+        *,
+        capacity: int = 10000,
+        reinit_prob: float = 0.05,
+    ):
         super().__init__(shape, device)
         if capacity < 1:
             raise ValueError(f"ReplayBuffer capacity must be >= 1, got {capacity}")
@@ -74,7 +81,7 @@ class ReplayBuffer(ChainInit):
         self.capacity = capacity
         self.reinit_prob = reinit_prob
         self.storage = torch.zeros(capacity, *self.shape, device=self.device)
-        self.size = 0      # how many slots hold samples
+        self.size = 0  # how many slots hold samples
         self.position = 0  # next slot to overwrite (oldest first once full)
 
     def __len__(self) -> int:
@@ -89,7 +96,7 @@ class ReplayBuffer(ChainInit):
         return torch.where(restart.view(n, *([1] * len(self.shape))), fresh, stored)
 
     def update(self, x_final: torch.Tensor) -> None:
-        x_final = x_final.detach().to(self.device)[-self.capacity:]  # more than fits: keep the newest
+        x_final = x_final.detach().to(self.device)[-self.capacity :]  # more than fits: keep the newest
         n = x_final.shape[0]
         slots = (self.position + torch.arange(n, device=self.device)) % self.capacity
         self.storage[slots] = x_final.to(self.storage.dtype)
@@ -99,16 +106,18 @@ class ReplayBuffer(ChainInit):
     push = update
 
     def state_dict(self) -> dict:
-        return {"samples": self.storage[:self.size].clone(), "position": self.position}
+        return {"samples": self.storage[: self.size].clone(), "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         samples = state["samples"]
         if samples.shape[0] > self.capacity or tuple(samples.shape[1:]) != self.shape:
-            raise ValueError(f"replay buffer state of shape {tuple(samples.shape)} does not fit capacity "
-                             f"{self.capacity} and sample shape {self.shape}")
+            raise ValueError(
+                f"replay buffer state of shape {tuple(samples.shape)} does not fit capacity "
+                f"{self.capacity} and sample shape {self.shape}"
+            )
         self.storage.zero_()
         self.size = samples.shape[0]
-        self.storage[:self.size] = samples.to(self.device, self.storage.dtype)
+        self.storage[: self.size] = samples.to(self.device, self.storage.dtype)
         self.position = int(state["position"]) % self.capacity
 
 

@@ -12,6 +12,7 @@ adapting never synchronises with the host. Adapting forever makes the chain only
 once ε has settled its ±rate jitter is harmless, and persistent training chains need ε to follow a moving
 energy anyway.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,10 @@ def sample_hmc(
     if leapfrog_steps < 1:
         raise ValueError(f"sample_hmc needs leapfrog_steps >= 1, got {leapfrog_steps}")
     if create_graph:
-        raise ValueError("sample_hmc cannot run with create_graph=True: the Metropolis–Hastings accept/reject "
-                         "step is not differentiable; use a gradient-based sampler (langevin) for that")
+        raise ValueError(
+            "sample_hmc cannot run with create_graph=True: the Metropolis–Hastings accept/reject "
+            "step is not differentiable; use a gradient-based sampler (langevin) for that"
+        )
     x = x0.detach()
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     x = x.to(dtype)
@@ -67,8 +70,17 @@ def sample_hmc(
         if adapt:
             eps = eps * torch.where(accept_prob.mean() > target_accept, grow, shrink)
         if callback is not None:
-            callback({"step": i, "x": x, "energy": energy, "grad": grad, "accept_prob": accept_prob,
-                      "accepted": accepted, "step_size": eps})
+            callback(
+                {
+                    "step": i,
+                    "x": x,
+                    "energy": energy,
+                    "grad": grad,
+                    "accept_prob": accept_prob,
+                    "accepted": accepted,
+                    "step_size": eps,
+                }
+            )
     return x
 
 

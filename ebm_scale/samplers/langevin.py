@@ -5,6 +5,7 @@ Paper 000, eq. (3):  x ← x − (η/2)·∇E(x) + σ·sqrt(η)·ω,  ω ~ N(0, 
 "reduced noise" everyone uses in practice; σ = 0 is eq. (7), the forward Euler solver of the gradient flow
 x' = −∇E with step η/2 — a deterministic generator G_θ(x0).
 """
+
 from __future__ import annotations
 
 import math
@@ -102,5 +103,6 @@ def sample_euler(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Noise-free dynamics, paper eq. (7): Langevin with σ = 0 (forward Euler on x' = −∇E, step η/2)."""
-    return sample_langevin(energy_fn, x0, steps=steps, step_size=step_size, noise_scale=0.0,
-                           create_graph=create_graph, callback=callback)
+    return sample_langevin(
+        energy_fn, x0, steps=steps, step_size=step_size, noise_scale=0.0, create_graph=create_graph, callback=callback
+    )

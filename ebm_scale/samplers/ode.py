@@ -10,6 +10,7 @@ integration would be one single step; fixed-step dynamics are the `euler` sample
 Adaptive step control compares error norms on the host, so these solvers synchronise every step —
 inherent to the method, and the reason the Langevin/Euler samplers are the fast path.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,15 @@ def sample_ode(
                 x = x.detach().requires_grad_(True)
             energy, grad = energy_and_grad(energy_fn, x, create_graph)
         if callback is not None:
-            callback({"step": evaluations, "t": t.detach(), "x": x.detach(), "energy": energy.detach(),
-                      "grad": grad.detach()})
+            callback(
+                {
+                    "step": evaluations,
+                    "t": t.detach(),
+                    "x": x.detach(),
+                    "energy": energy.detach(),
+                    "grad": grad.detach(),
+                }
+            )
         evaluations += 1
         return -grad if create_graph else -grad.detach()
 
