@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 from ebm_scale.config import EbmScaleConfig, flatten, to_container
@@ -147,10 +148,12 @@ def run_single(cfg: EbmScaleConfig, printer: Printer = print) -> RunResult:
     run_dir = f"{cfg.storage.resolved_path().rstrip('/')}/{cfg.name}/{time.strftime('%Y%m%d-%H%M%S')}"
     where = "in this process" if cfg.scaling.num_workers == 0 else f"{cfg.scaling.num_workers}-worker TorchTrainer"
     printer(f"train {cfg.name}: {cfg.method.name} on {cfg.data.name}, {cfg.train.iterations} iterations ({where})")
-    # Opening the run (importing MLflow, a fresh SQLite store's migrations: seconds) goes on beside building
-    # the data and the model; the loop's first log waits for it.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        opening = pool.submit(_open_run, cfg, uri, experiment, run_dir)
+    # Opening the run (importing MLflow, a fresh SQLite store's schema migrations: seconds of Python) goes on
+    # in a child process, on another core, while this one builds the data and the model; a thread would
+    # share the GIL with the build. The loop's first log waits for it. `spawn`: no fork of a torch process.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        opening = pool.submit(tracking.start_single_run, uri, experiment, f"train-{cfg.name}",
+                              flatten(to_container(cfg)), _run_tags(cfg, run_dir))
         try:
             if cfg.scaling.num_workers == 0:
                 metrics, checkpoint, error = _in_process(cfg, uri, opening, run_dir, printer)
@@ -168,13 +171,11 @@ def run_single(cfg: EbmScaleConfig, printer: Printer = print) -> RunResult:
     return RunResult(experiment, run_id, uri, outcome, metrics, checkpoint, time.perf_counter() - t0)
 
 
-def _open_run(cfg: EbmScaleConfig, uri: str, experiment: str, run_dir: str) -> tuple[str, str]:
-    experiment_id = tracking.ensure_experiment(uri, experiment)
+def _run_tags(cfg: EbmScaleConfig, run_dir: str) -> dict[str, str]:
     tags = {**tracking.provenance_tags(), tracking.SWEEP_TAG: run_dir}
     if backbone_kind(cfg) is not None:
         tags[tracking.BACKBONE_TAG] = cfg.method.backbone
-    run_id = tracking.open_single_run(uri, experiment_id, f"train-{cfg.name}", flatten(to_container(cfg)), tags)
-    return experiment_id, run_id
+    return tags
 
 
 class PendingTracker:

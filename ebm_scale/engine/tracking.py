@@ -173,6 +173,13 @@ def open_single_run(uri: str, experiment_id: str, run_name: str, params: dict[st
     return run_id
 
 
+def start_single_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
+                     tags: dict[str, str]) -> tuple[str, str]:
+    """The experiment (created if new) and a new `ebm-scale train` run in it: (experiment id, run id)."""
+    experiment_id = ensure_experiment(uri, experiment)
+    return experiment_id, open_single_run(uri, experiment_id, run_name, params, tags)
+
+
 def open_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
                    params: dict[str, Any]) -> str:
     """Create the trial's nested run, or find it again when the trial is retried or the sweep resumed."""
