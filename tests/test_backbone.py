@@ -1,5 +1,6 @@
 """Backbone files (methods/backbone.py) and their references (engine/backbones.py): written by a stage-1
 method, checked for kind and data shape, found again through a real MLflow store by `runs:/` URI."""
+
 import pytest
 import torch
 
@@ -47,7 +48,7 @@ def test_runs_uri_resolves_through_a_real_mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setattr(backbones, "CACHE", tmp_path / "cache")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     experiment_id = tracking.ensure_experiment(uri, "backbones")
-    run_id = tracking._client(uri).create_run(experiment_id).info.run_id
+    run_id = tracking.create_run(uri, experiment_id)
     torch.manual_seed(0)
     vae = build_method(VaeConfig(vae=VAEConfig(hidden=16, layers=2, latent_dim=3)), SPEC, "cpu")
     local = save_backbone(str(tmp_path / "export"), vae.export_backbone())

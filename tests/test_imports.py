@@ -1,5 +1,6 @@
 """The package has layers: no import cycle inside ebm_scale/ (module-level and function-level imports alike),
 and benchmarks/ and experiments/ use the package only — no sys.path tricks, no imports of each other."""
+
 from __future__ import annotations
 
 import ast
@@ -67,7 +68,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -82,12 +83,18 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("from ebm_scale.engine.loop import train\n"
-                      "def f():\n    from ebm_scale.engine import tracking\n    import ebm_scale.engine.state\n"
-                      "    from . import sweep\n    from ebm_scale.methods import register_method\n")
+    source.write_text(
+        "from ebm_scale.engine.loop import train\n"
+        "def f():\n    from ebm_scale.engine import tracking\n    import ebm_scale.engine.state\n"
+        "    from . import sweep\n    from ebm_scale.methods import register_method\n"
+    )
     assert imported_names(source, "ebm_scale.engine.x") == {
-        "ebm_scale.engine.loop", "ebm_scale.engine.tracking", "ebm_scale.engine.state", "ebm_scale.engine.sweep",
-        "ebm_scale.methods"}
+        "ebm_scale.engine.loop",
+        "ebm_scale.engine.tracking",
+        "ebm_scale.engine.state",
+        "ebm_scale.engine.sweep",
+        "ebm_scale.methods",
+    }
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -95,18 +102,11 @@ def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
 # Known, to be removed (then delete the entry): each method module registers itself with
 # `from ebm_scale.methods import register_method` while methods/__init__.py imports every method module.
 # The fix is a registry module of its own (methods/registry.py) that both import.
-KNOWN_BACK_EDGES = {(f"ebm_scale.methods.{m}", "ebm_scale.methods")
-                    for m in ("ddaebm", "diffebm", "flow", "mle", "nt_ebm", "vae", "vaebm")}
 
 
 def test_no_import_cycle_in_the_package():
     assert "ebm_scale.engine.sweep" in MODULES and "ebm_scale.engine.run" in MODULES
-    graph = import_graph()
-    stale = {edge for edge in KNOWN_BACK_EDGES if edge[1] not in graph.get(edge[0], set())}
-    assert not stale, f"these known back-edges are gone: drop them from KNOWN_BACK_EDGES: {sorted(stale)}"
-    for module, target in KNOWN_BACK_EDGES:
-        graph[module] = graph[module] - {target}
-    cycle = find_cycle(graph)
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -122,10 +122,18 @@ def test_benchmarks_and_experiments_import_only_the_package():
         if "sys.path" in text:
             offenders.append(f"{path.relative_to(ROOT)}: changes sys.path")
         for node in ast.walk(ast.parse(text)):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if isinstance(node, ast.ImportFrom) and node.level:
                 offenders.append(f"{path.relative_to(ROOT)}: relative import")
-            offenders += [f"{path.relative_to(ROOT)}: imports {n}" for n in names
-                          if n.split(".")[0] in local | {"benchmarks", "experiments"}]
+            offenders += [
+                f"{path.relative_to(ROOT)}: imports {n}"
+                for n in names
+                if n.split(".")[0] in local | {"benchmarks", "experiments"}
+            ]
     assert len(_scripts()) >= 5 and not offenders, offenders

@@ -1,25 +1,10 @@
-"""Method registry: name → Method subclass (each carries its own config dataclass)."""
+"""Every registered method, importable from one place: `from ebm_scale.methods import METHODS, build_method`."""
 
 from __future__ import annotations
 
-from ebm_scale.methods.base import DataSpec, Method, OptimConfig
-
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: `@register_method class Mle(Method): name = "mle"; config_class = MleConfig`."""
-    if cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def build_method(cfg, spec: DataSpec, device) -> Method:
-    return METHODS[cfg.name](cfg, spec, device)
-
-
 # Importing the modules registers them.
-from ebm_scale.methods import ddaebm, diffebm, flow, mle, nt_ebm, vae, vaebm  # noqa: E402,F401
+from ebm_scale.methods import ddaebm, diffebm, flow, mle, nt_ebm, vae, vaebm  # noqa: F401
+from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.registry import METHODS, build_method, register_method
 
 __all__ = ["METHODS", "DataSpec", "Method", "OptimConfig", "build_method", "register_method"]

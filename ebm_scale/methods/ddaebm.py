@@ -22,8 +22,8 @@ import torch
 
 from ebm_scale.diffusion import TIME_SCHEDULES, DiscreteVPSchedule, gaussian_log_prob
 from ebm_scale.errors import require
-from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.registry import register_method
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_encoder, build_generator, build_time_energy
 from ebm_scale.nets.ema import WeightAverages
 from ebm_scale.schema import Config, Rule, knob

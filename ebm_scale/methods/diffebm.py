@@ -28,8 +28,8 @@ from ebm_scale.diffusion import (
     running_cost,
     simulate_generative,
 )
-from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.registry import register_method
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_control
 from ebm_scale.nets.ema import WeightAverages
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig

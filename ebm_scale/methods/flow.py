@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import backbone_state
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.registry import register_method
 from ebm_scale.nets.flow import Flow, FlowConfig
 from ebm_scale.schema import Config, knob
 

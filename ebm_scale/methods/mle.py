@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch.func import functional_call
 
-from ebm_scale.methods import register_method
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.registry import register_method
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
 from ebm_scale.samplers import (
     CHAIN_INITS,

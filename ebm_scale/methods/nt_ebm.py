@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import PretrainConfig, load_backbone
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.methods.flow import FlowMethodConfig
+from ebm_scale.methods.registry import register_method
 from ebm_scale.nets.energy import EnergyNetConfig, build_energy
 from ebm_scale.nets.flow import FlowConfig
 from ebm_scale.samplers import HmcStats, mean_grad_norm, sample_hmc
@@ -118,7 +118,7 @@ class NtEbm(Method):
 
     def hmc(self, energy_fn, x0: torch.Tensor, steps: int, step_size, callback=None) -> torch.Tensor:
         """This model's HMC (its L, target acceptance and adaptation) on any energy: `_target(space)`, or a
-        reference density (benchmarks/mixing.py runs the data-space sampler on the exact one)."""
+        reference density (experiments/mixing.py runs the data-space sampler on the exact one)."""
         s = self.cfg.sampler
         return sample_hmc(
             energy_fn,

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebm_scale.methods import register_method
 from ebm_scale.methods.backbone import PretrainConfig, load_backbone
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.registry import register_method
 from ebm_scale.methods.vae import VaeConfig
 from ebm_scale.nets.energy import EnergyNetConfig, build_energy
 from ebm_scale.nets.spectral import SpectralPenalty
@@ -203,7 +203,7 @@ class Vaebm(Method):
 
     def energy_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on E: contrastive ML with negatives x_neg, plus the regularizers. Separate from the
-        chains so a benchmark can hand it negatives from elsewhere (benchmarks/vaebm_exact_negatives.py)."""
+        chains so an experiment can hand it negatives from elsewhere (experiments/vaebm_exact_negatives.py)."""
         cfg, n = self.cfg, x_pos.shape[0]
         energies = self.energy(torch.cat([x_pos, x_neg]))
         e_pos, e_neg = energies[:n].mean(), energies[n:].mean()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchdiffeq import odeint
 
 from ebm_scale.samplers.langevin import Callback, EnergyFn, energy_and_grad
 
@@ -75,7 +74,7 @@ def sample_ode(
     times = torch.tensor([0.0, horizon], dtype=x0.dtype, device=x0.device)
     start = x0 if (create_graph and x0.requires_grad) else x0.detach()
     with torch.set_grad_enabled(create_graph):
-        path = odeint(velocity, start, times, rtol=rtol, atol=atol, method=solver)
+        path = _odeint()(velocity, start, times, rtol=rtol, atol=atol, method=solver)
     return path[-1] if create_graph else path[-1].detach()
 
 
@@ -112,7 +111,7 @@ def ode_log_density(
     times = torch.tensor([horizon, 0.0], dtype=x.dtype, device=x.device)
     start = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     with torch.no_grad():
-        xs, ells = odeint(augmented, start, times, rtol=rtol, atol=atol, method=solver)
+        xs, ells = _odeint()(augmented, start, times, rtol=rtol, atol=atol, method=solver)
     x_start, ell_start = xs[-1], ells[-1]
     log_prior = -0.5 * x_start.flatten(1).pow(2).sum(1) - 0.5 * dim * math.log(2 * math.pi)
     return log_prior - ell_start
@@ -134,3 +133,10 @@ def _hutchinson_trace(grad: torch.Tensor, x: torch.Tensor, probe: torch.Tensor) 
     since εᵢ² = 1)."""
     (hvp,) = torch.autograd.grad((grad * probe).sum(), x)
     return (hvp * probe).flatten(1).sum(1)
+
+
+def _odeint():
+    """torchdiffeq (and the scipy it imports, ~1 s) is loaded only by runs that use the ODE sampler."""
+    from torchdiffeq import odeint
+
+    return odeint
