@@ -17,7 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 DPI = 100
 PANEL_INCHES = 4.0
@@ -200,7 +200,8 @@ def plot_parallel_coordinates(
         label=f"{value_name} ({'lower' if lower_is_better else 'higher'} is better)",
     )
     bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-    bar.ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+    # a log scale within one decade has no major tick to label: label its minor ones then, never both
+    bar.ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g") if high < 10 * low else NullFormatter())
     counts = {name: sum(g == name for g in groups) for name in names}
     ax.legend(
         [Line2D([], [], color="black", ls=styles[n]) for n in names],

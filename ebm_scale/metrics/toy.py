@@ -189,7 +189,7 @@ def _write_plots(
     return paths
 
 
-def run_title(run, title: str, width: int = 60) -> str:
+def run_title(run, title: str, width: int = 44) -> str:
     """`title` headed by the run's name and followed by the values of its searched parameters (the keys of
     run.search.space, looked up in the run's own config), wrapped to lines of about `width` characters."""
     if run is None:
