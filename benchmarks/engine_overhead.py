@@ -21,6 +21,7 @@ goes on, competing with it for the GIL and the cores. So the benchmark reports t
   starts, on nobody's timer (no contention with either loop).
 The engine's real overhead lies between the two.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,16 @@ from ebm_scale.engine.loop import train
 
 LOG_EVERY = 25
 OVERRIDES = [  # a small mle setup (what the quick start trains): the engine's share is largest on small nets
-    "method.energy.hidden=128", "method.energy.layers=3", "method.sampler.kind=langevin",
-    "method.sampler.steps=20", "method.sampler.step_size=0.1", "method.sampler.noise_scale=0.01",
-    "train.batch_size=256", f"train.log_every={LOG_EVERY}", "eval.n_samples=200", "eval.grid_size=40",
+    "method.energy.hidden=128",
+    "method.energy.layers=3",
+    "method.sampler.kind=langevin",
+    "method.sampler.steps=20",
+    "method.sampler.step_size=0.1",
+    "method.sampler.noise_scale=0.01",
+    "train.batch_size=256",
+    f"train.log_every={LOG_EVERY}",
+    "eval.n_samples=200",
+    "eval.grid_size=40",
     "eval.plots=false",
 ]
 
@@ -69,7 +77,11 @@ class BareLoop:
             for _ in range(s.steps):
                 x = x.detach().requires_grad_(True)
                 (grad,) = torch.autograd.grad(net(x).sum(), x)
-                x = x - 0.5 * s.step_size * grad + s.noise_scale * s.step_size ** 0.5 * torch.randn(x.shape, generator=gen)
+                x = (
+                    x
+                    - 0.5 * s.step_size * grad
+                    + s.noise_scale * s.step_size**0.5 * torch.randn(x.shape, generator=gen)
+                )
             energies = net(torch.cat([x_pos, x.detach()]))
             loss = energies[:n].mean() - energies[n:].mean()
             self.opt.zero_grad(set_to_none=True)
@@ -84,7 +96,7 @@ class InterleavingTracker:
 
     def __init__(self, real: tracking.MlflowTracker, bare: BareLoop):
         self.real, self.bare = real, bare
-        self.engine_chunks: list[float] = []        # until the write has landed
+        self.engine_chunks: list[float] = []  # until the write has landed
         self.engine_queued_chunks: list[float] = []  # until the batch is queued
         self.bare_chunks: list[float] = []
         self.resumed_at: float | None = None  # None until the first log: the first chunk includes set-up
@@ -129,8 +141,10 @@ def interleaved_run(pairs: int, uri: str, run_id: str) -> tuple[list[float], lis
     tracker = InterleavingTracker(tracking.MlflowTracker(uri, run_id, async_logging=True), BareLoop(cfg))
     train(cfg, BenchSession(tracker))
     tracker.real.flush()  # the last (evaluation) batch lands before the temp store goes away
-    return tuple([t / LOG_EVERY for t in chunks]
-                 for chunks in (tracker.engine_chunks, tracker.engine_queued_chunks, tracker.bare_chunks))
+    return tuple(
+        [t / LOG_EVERY for t in chunks]
+        for chunks in (tracker.engine_chunks, tracker.engine_queued_chunks, tracker.bare_chunks)
+    )
 
 
 def method_only_ratio(pairs: int) -> float:
@@ -173,8 +187,18 @@ def startup_seconds(num_workers: int, storage: str, uri: str) -> float:
     extra = [f"scaling.num_workers={num_workers}"]
     if num_workers:
         extra += ["scaling.cpus_per_worker=0.5", "scaling.driver_cpus=0.5"]
-    cfg = compose(None, OVERRIDES + ["train.iterations=1", "train.eval_every=1", f"storage.path={storage}",
-                                     f"tracking.uri={uri}", f"name=startup_{num_workers}"] + extra)
+    cfg = compose(
+        None,
+        OVERRIDES
+        + [
+            "train.iterations=1",
+            "train.eval_every=1",
+            f"storage.path={storage}",
+            f"tracking.uri={uri}",
+            f"name=startup_{num_workers}",
+        ]
+        + extra,
+    )
     run_sweep(cfg, printer=lambda *_: None, extra_callbacks=[Marks()])
     return marks["first_result"] - marks["start"]
 
@@ -186,8 +210,11 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=40, help="engine/bare chunk pairs per run (25 iterations each)")
     ap.add_argument("--no-startup", action="store_true", help="skip the trial start-up measurements")
     ap.add_argument("--startup-only", action="store_true", help="only the trial start-up measurements")
-    ap.add_argument("--method-only", action="store_true",
-                    help="only the method's train_step against the bare loop (no engine loop, no MLflow)")
+    ap.add_argument(
+        "--method-only",
+        action="store_true",
+        help="only the method's train_step against the bare loop (no engine loop, no MLflow)",
+    )
     args = ap.parse_args()
     if args.method_only:
         torch.set_num_threads(1)  # as the engine loop does (train.threads = 1)
@@ -209,19 +236,25 @@ def main() -> None:
             for key, chunks in (("charged", engine), ("queued", queued)):
                 medians[key].append(statistics.median(e / b for e, b in zip(chunks, bare)))
             engine_all, queued_all, bare_all = engine_all + engine, queued_all + queued, bare_all + bare
-            print(f"  run {r + 1}/{runs}: {len(bare)} pairs, engine/bare median {medians['charged'][-1]:.3f} "
-                  f"(write charged), {medians['queued'][-1]:.3f} (not charged); bare "
-                  f"{statistics.median(bare) * 1e3:.2f} ms/it, engine {statistics.median(engine) * 1e3:.2f} ms/it",
-                  flush=True)
+            print(
+                f"  run {r + 1}/{runs}: {len(bare)} pairs, engine/bare median {medians['charged'][-1]:.3f} "
+                f"(write charged), {medians['queued'][-1]:.3f} (not charged); bare "
+                f"{statistics.median(bare) * 1e3:.2f} ms/it, engine {statistics.median(engine) * 1e3:.2f} ms/it",
+                flush=True,
+            )
         if runs:
             print(f"\nmle per-iteration ({runs} runs × {pairs} interleaved pairs of {LOG_EVERY} iterations, 1 thread):")
             print(f"  bare PyTorch loop : {statistics.median(bare_all) * 1e3:.2f} ms (median chunk)")
-            print(f"  ebm_scale engine  : {statistics.median(engine_all) * 1e3:.2f} ms with the MLflow write, "
-                  f"{statistics.median(queued_all) * 1e3:.2f} ms without (median chunk)")
+            print(
+                f"  ebm_scale engine  : {statistics.median(engine_all) * 1e3:.2f} ms with the MLflow write, "
+                f"{statistics.median(queued_all) * 1e3:.2f} ms without (median chunk)"
+            )
             for key, label in (("charged", "write charged in full"), ("queued", "write not charged")):
                 runs_text = ", ".join(f"{(m - 1) * 100:+.1f} %" for m in medians[key])
-                print(f"  engine overhead, {label}: {(statistics.median(medians[key]) - 1) * 100:+.1f} % "
-                      f"(median over runs of each run's median pair ratio; runs: {runs_text})")
+                print(
+                    f"  engine overhead, {label}: {(statistics.median(medians[key]) - 1) * 100:+.1f} % "
+                    f"(median over runs of each run's median pair ratio; runs: {runs_text})"
+                )
         if args.no_startup:
             return
 
@@ -231,8 +264,10 @@ def main() -> None:
             for workers in (0, 2):
                 times = [startup_seconds(workers, str(Path(tmp) / "runs"), uri) for _ in range(1 if args.quick else 3)]
                 label = "in-process trial" if workers == 0 else "2-worker TorchTrainer trial"
-                print(f"  start-up, {label}: median {statistics.median(times):.1f} s over {len(times)} "
-                      f"({', '.join(f'{t:.1f}' for t in times)})")
+                print(
+                    f"  start-up, {label}: median {statistics.median(times):.1f} s over {len(times)} "
+                    f"({', '.join(f'{t:.1f}' for t in times)})"
+                )
         finally:
             ray.shutdown()
 

@@ -2,16 +2,18 @@
 reports the seconds from launching it to the loop's first `train_step` (in whichever process runs it: this
 one's child, a Ray trial actor or a Train worker); then stops it with SIGINT, as Ctrl-C would.
 
-    uv run python benchmarks/first_iteration.py [--repeat 3] [--code DIR] -- train method=mle data=8gaussians train.iterations=200
+    uv run python benchmarks/first_iteration.py [--repeat 3] [--code DIR] -- \
+        train method=mle data=8gaussians train.iterations=200
 
 `--code DIR` runs the package found in DIR (e.g. an older commit's `git worktree`) with this venv, so two
 versions are timed back to back on the same machine. `--as-sweep` runs the same `train` overrides the way
-`ebm-scale train` ran them up to commit 757c589: a one-trial Tune sweep (engine.sweep.run_sweep). Each run gets its own empty working directory (a
-fresh `mlflow.db`, no Ray session left over).
+`ebm-scale train` ran them up to commit 757c589: a one-trial Tune sweep (engine.sweep.run_sweep). Each run
+gets its own empty working directory (a fresh `mlflow.db`, no Ray session left over).
 
 How: a `sitecustomize` on PYTHONPATH (inherited by Ray's workers) wraps `MetricAccumulator.add` when
 `ebm_scale.engine.loop` is imported; its first call writes the wall-clock time to a file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +28,7 @@ import textwrap
 import time
 from pathlib import Path
 
-HOOK = textwrap.dedent('''
+HOOK = textwrap.dedent("""
     import importlib.abc, importlib.util, os, sys, time
 
     class _Hook(importlib.abc.MetaPathFinder):
@@ -56,7 +58,7 @@ HOOK = textwrap.dedent('''
             return spec
 
     sys.meta_path.insert(0, _Hook())
-''')
+""")
 
 
 # What `ebm-scale train <overrides>` did before it had a path of its own: a one-trial sweep.
@@ -76,14 +78,18 @@ def time_once(command: list[str], code: str | None, timeout: float, as_sweep: bo
         hook_dir.mkdir()
         (hook_dir / "sitecustomize.py").write_text(HOOK)
         marker = Path(tmp) / "first_step"
-        env = {**os.environ, "EBM_SCALE_FIRST_STEP_FILE": str(marker),
-               "PYTHONPATH": os.pathsep.join(p for p in (code, str(hook_dir)) if p)}
+        env = {
+            **os.environ,
+            "EBM_SCALE_FIRST_STEP_FILE": str(marker),
+            "PYTHONPATH": os.pathsep.join(p for p in (code, str(hook_dir)) if p),
+        }
         work = Path(tmp) / "work"
         work.mkdir()
         started = time.time()
         argv = ["-c", AS_SWEEP, *command[1:]] if as_sweep else ["-m", "ebm_scale.cli", *command]
-        proc = subprocess.Popen([sys.executable, *argv], cwd=work, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, *argv], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         while proc.poll() is None and not marker.exists() and time.time() - started < timeout:
             time.sleep(0.05)
         first = float(marker.read_text()) - started if marker.exists() else float("nan")
@@ -108,9 +114,11 @@ def main() -> None:
         first, rc = time_once(args.command, args.code, args.timeout, args.as_sweep)
         firsts.append(first)
         print(f"run {i + 1}: first iteration after {first:.2f} s (then stopped; rc {rc})", flush=True)
-    print(f"median time to first iteration: {statistics.median(firsts):.2f} s "
-          f"({args.code or 'this checkout'}{', as a one-trial sweep' if args.as_sweep else ''}; "
-          f"load {os.getloadavg()[0]:.2f})")
+    print(
+        f"median time to first iteration: {statistics.median(firsts):.2f} s "
+        f"({args.code or 'this checkout'}{', as a one-trial sweep' if args.as_sweep else ''}; "
+        f"load {os.getloadavg()[0]:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ computes (tests/test_mle.py), this says how long it takes.
 Prints the median and the spread (min, max) of the per-step times; on a shared machine the median is the
 figure to quote, together with the machine's load (`uptime`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,10 @@ def main() -> None:
         start = time.perf_counter()
         method.train_step(batch)
         times.append(time.perf_counter() - start)
-    print(f"mle train_step, paper defaults, batch {args.batch}, {args.threads} thread(s), {args.steps} steps: "
-          f"median {1e3 * statistics.median(times):.1f} ms (min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f})")
+    print(
+        f"mle train_step, paper defaults, batch {args.batch}, {args.threads} thread(s), {args.steps} steps: "
+        f"median {1e3 * statistics.median(times):.1f} ms (min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f})"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ to a folder, and may stop on a training-time budget instead of an iteration coun
 It is the engine's loop, so seeding, batches, evaluation streams and checkpoints are those of `ebm-scale
 train` and of every sweep trial: a figure made here is what those commands reproduce.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,16 @@ class ExperimentSession:
 
     rank, world_size, local_rank = 0, 1, 0
 
-    def __init__(self, out_dir: Path, *, done: Callable[[int, float], bool] | None, clock: Callable[[], float],
-                 on_eval: Callable[[int, dict], None] | None, save_states: bool, resume: dict | None):
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        done: Callable[[int, float], bool] | None,
+        clock: Callable[[], float],
+        on_eval: Callable[[int, dict], None] | None,
+        save_states: bool,
+        resume: dict | None,
+    ):
         self.out_dir, self.done, self.clock, self.on_eval = out_dir, done, clock, on_eval
         self.save_states, self.resume = save_states, resume
         self.tracker = FolderTracker(out_dir)
@@ -73,11 +82,18 @@ class ExperimentSession:
         self.t_last = self.clock()  # the evaluation just done is not training time
 
 
-def train_in_process(cfg: EbmScaleConfig, out_dir: Path | str, *, iterations: int | None = None,
-                     every: int | None = None, done: Callable[[int, float], bool] | None = None,
-                     clock: Callable[[], float] = time.perf_counter,
-                     on_eval: Callable[[int, dict], None] | None = None,
-                     save_states: bool = False, resume: dict | None = None) -> dict:
+def train_in_process(
+    cfg: EbmScaleConfig,
+    out_dir: Path | str,
+    *,
+    iterations: int | None = None,
+    every: int | None = None,
+    done: Callable[[int, float], bool] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    on_eval: Callable[[int, dict], None] | None = None,
+    save_states: bool = False,
+    resume: dict | None = None,
+) -> dict:
     """Train `cfg` (seeded by cfg.seed) for `iterations` in all, or until done(step, training seconds)
     holds, evaluating every `every` iterations and at the end. `save_states` writes the loop's checkpoint
     after each evaluation to out_dir/states/step_NNNNNN.pt; `resume` (one such state, loaded) continues from
@@ -88,11 +104,14 @@ def train_in_process(cfg: EbmScaleConfig, out_dir: Path | str, *, iterations: in
     cfg.train.iterations = iterations or NO_LIMIT
     cfg.train.eval_every = every or cfg.train.iterations
     out = Path(out_dir)
-    session = ExperimentSession(out, done=done, clock=clock, on_eval=on_eval, save_states=save_states,
-                                resume=resume)
+    session = ExperimentSession(out, done=done, clock=clock, on_eval=on_eval, save_states=save_states, resume=resume)
     summary = train(cfg, session)
-    return {"iterations": summary.step, "train_seconds": session.trained, "diverged": summary.diverged,
-            **session.evaluated}
+    return {
+        "iterations": summary.step,
+        "train_seconds": session.trained,
+        "diverged": summary.diverged,
+        **session.evaluated,
+    }
 
 
 def load_state_file(path: str | Path) -> dict:

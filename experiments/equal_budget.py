@@ -6,7 +6,8 @@ noisy-Langevin baseline on 8gaussians and the 9-mode grid).
 
 Each `--run label=sweep` trains that named sweep's config (search dropped, data replaced) in this process,
 through the engine's loop (ebm_scale.experiments), until `--budget` seconds of *training* have passed (the
-loop's steps, evaluation excluded), then evaluates once with the sweep's eval settings (Sinkhorn n, grid), overridden by `--eval-samples`. Prints one markdown
+loop's steps, evaluation excluded), then evaluates once with the sweep's eval settings (Sinkhorn n, grid),
+overridden by `--eval-samples`. Prints one markdown
 row per (data, run, seed), and with several seeds their means and a seed-by-seed comparison of the runs;
 writes results.json and samples/density PNGs under --out. `--summarize a/results.json b/results.json`
 prints that summary for earlier runs, pooled.
@@ -15,6 +16,7 @@ The budget is counted in this process's CPU time (`--clock cpu`, the default): s
 core that is the wall-clock, and unlike the wall-clock it does not shrink when other work shares the
 machine. `--clock wall` counts wall-clock seconds instead (then run nothing else meanwhile).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +33,12 @@ PROGRESS_EVERY = 200  # iterations between progress lines
 
 def budget_spent(budget: float):
     """done(step, trained) for train_in_process: the budget, with a progress line every PROGRESS_EVERY steps."""
+
     def done(step: int, trained: float) -> bool:
         if step % PROGRESS_EVERY == 0:
             print(f"    {step} iterations, {trained:.0f}/{budget:.0f} s", flush=True)
         return trained >= budget
+
     return done
 
 
@@ -48,8 +52,12 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON",
-                    help="train nothing: print the seed summary of earlier runs' results.json files, pooled")
+    ap.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="train nothing: print the seed summary of earlier runs' results.json files, pooled",
+    )
     args = ap.parse_args()
     if args.summarize:
         print(summarize([row for path in args.summarize for row in json.loads(Path(path).read_text())]))
@@ -64,22 +72,31 @@ def main() -> None:
         overrides[label].append(kv)
 
     rows = []
-    print(f"budget: {args.budget:.0f} s of {args.clock} time per run\n"
-          f"| data | run | seed | iterations | Sinkhorn (floor) | test LL ebm (true) |\n|---|---|---|---|---|---|")
+    print(
+        f"budget: {args.budget:.0f} s of {args.clock} time per run\n"
+        f"| data | run | seed | iterations | Sinkhorn (floor) | test LL ebm (true) |\n|---|---|---|---|---|---|"
+    )
     for data in args.data:
         for label, sweep in runs.items():
             for seed in args.seeds:
-                cfg = compose(sweep, [f"data={data}", f"seed={seed}", f"eval.n_samples={args.eval_samples}"]
-                              + overrides[label], single_run=True)
+                cfg = compose(
+                    sweep,
+                    [f"data={data}", f"seed={seed}", f"eval.n_samples={args.eval_samples}"] + overrides[label],
+                    single_run=True,
+                )
                 print(f"  {label} ({sweep}) on {data}, seed {seed}: training {args.budget:.0f} s", flush=True)
                 clock = time.process_time if args.clock == "cpu" else time.perf_counter
-                result = train_in_process(cfg, out / f"{data}_{label}_{seed}", clock=clock,
-                                          done=budget_spent(args.budget))
+                result = train_in_process(
+                    cfg, out / f"{data}_{label}_{seed}", clock=clock, done=budget_spent(args.budget)
+                )
                 rows.append({"data": data, "run": label, "sweep": sweep, "seed": seed, **result})
                 ll = result.get("eval/test_ll/ebm", float("nan"))
-                print(f"| {data} | {label} | {seed} | {result['iterations']} | {result['eval/sinkhorn']:.3f} "
-                      f"({result['eval/sinkhorn_data_floor']:.3f}) | {ll:.3f} ({result.get('eval/test_ll/true', float('nan')):.3f}) |",
-                      flush=True)
+                truth = result.get("eval/test_ll/true", float("nan"))
+                print(
+                    f"| {data} | {label} | {seed} | {result['iterations']} | {result['eval/sinkhorn']:.3f} "
+                    f"({result['eval/sinkhorn_data_floor']:.3f}) | {ll:.3f} ({truth:.3f}) |",
+                    flush=True,
+                )
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     if len(args.seeds) > 1:
         print(summarize(rows))
@@ -106,15 +123,22 @@ def summarize(rows: list[dict]) -> str:
     for (data, run), per_seed in by_key.items():
         sk = [r["eval/sinkhorn"] for r in per_seed.values()]
         floor = [r["eval/sinkhorn_data_floor"] for r in per_seed.values()]
-        lines.append(f"| {data} | {run} | {len(sk)} | {_mean_se(sk)} | {_mean_se([a - b for a, b in zip(sk, floor)])} "
-                     f"| {_mean_se(floor)} |")
+        lines.append(
+            f"| {data} | {run} | {len(sk)} | {_mean_se(sk)} | {_mean_se([a - b for a, b in zip(sk, floor)])} "
+            f"| {_mean_se(floor)} |"
+        )
     pairs = [(a, b) for a in by_key for b in by_key if a[0] == b[0] and a[1] < b[1]]
     if pairs:
-        lines += ["\n| data | pair | seeds | mean difference (first − second) | first lower on |", "|---|---|---|---|---|"]
+        lines += [
+            "\n| data | pair | seeds | mean difference (first − second) | first lower on |",
+            "|---|---|---|---|---|",
+        ]
     for (data, a), (_, b) in pairs:
         seeds = sorted(set(by_key[(data, a)]) & set(by_key[(data, b)]))
         diffs = [by_key[(data, a)][s]["eval/sinkhorn"] - by_key[(data, b)][s]["eval/sinkhorn"] for s in seeds]
-        lines.append(f"| {data} | {a} − {b} | {len(seeds)} | {_mean_se(diffs)} | {sum(d < 0 for d in diffs)} of {len(seeds)} |")
+        lines.append(
+            f"| {data} | {a} − {b} | {len(seeds)} | {_mean_se(diffs)} | {sum(d < 0 for d in diffs)} of {len(seeds)} |"
+        )
     return "\n".join(lines)
 
 

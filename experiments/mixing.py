@@ -14,6 +14,7 @@ step size, adaptation — run on the dataset's *true* log-density from the same 
 "true_density". It says how well data-space HMC can mix on this data at this chain length at all, which a
 learned model's figure should be read against.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ class TrueDensityHmc:
         with torch.no_grad():
             start = self.method.flow(init_scale * torch.randn(chains, *self.method.spec.shape))
         states: list[torch.Tensor] = []
-        self.method.hmc(lambda x: -self.log_prob(x), start, length, self.method.cfg.sampler.step_size,
-                        callback=lambda info: states.append(info["x"]))
+        self.method.hmc(
+            lambda x: -self.log_prob(x),
+            start,
+            length,
+            self.method.cfg.sampler.step_size,
+            callback=lambda info: states.append(info["x"]),
+        )
         return {"true_density": torch.stack(states, dim=1)}
 
 
@@ -53,8 +59,11 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--burn-in", type=int, default=200)
     ap.add_argument("--out", default=None, help="folder for the PNGs (default: a temp folder, printed)")
-    ap.add_argument("--reference", action="store_true",
-                    help="also run the data-space HMC on the dataset's exact density (see above)")
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run the data-space HMC on the dataset's exact density (see above)",
+    )
     args = ap.parse_args()
 
     state = load_state(args.checkpoint)
@@ -67,23 +76,36 @@ def main() -> None:
     method.load_state_dict(state["method"])
     method.train(False)
     out = args.out or tempfile.mkdtemp(prefix="ebm_scale_mixing_")
-    print(f"{cfg.method.name} on {cfg.data.name}, step {state['step']}: {args.chains} chains × {args.length} "
-          f"transitions, burn-in {args.burn_in}")
+    print(
+        f"{cfg.method.name} on {cfg.data.name}, step {state['step']}: {args.chains} chains × {args.length} "
+        f"transitions, burn-in {args.burn_in}"
+    )
     if args.reference and (data.log_prob is None or not hasattr(method, "hmc")):
-        raise SystemExit(f"--reference needs an HMC method on a flow (nt_ebm) and data with an exact density; "
-                         f"got {cfg.method.name} on {cfg.data.name}")
+        raise SystemExit(
+            f"--reference needs an HMC method on a flow (nt_ebm) and data with an exact density; "
+            f"got {cfg.method.name} on {cfg.data.name}"
+        )
     for scale in args.scales:
         mcmc = McmcEvalConfig(chains=args.chains, length=args.length, burn_in=args.burn_in, init_scale=scale)
         metrics, plots = evaluate_chains(method, mcmc, f"{out}/scale_{scale:g}", state["step"], final=True)
         if args.reference:
-            reference, _ = evaluate_chains(TrueDensityHmc(method, data.log_prob), mcmc,
-                                           f"{out}/scale_{scale:g}/reference", state["step"], final=True)
+            reference, _ = evaluate_chains(
+                TrueDensityHmc(method, data.log_prob),
+                mcmc,
+                f"{out}/scale_{scale:g}/reference",
+                state["step"],
+                final=True,
+            )
             metrics.update(reference)
         for label in sorted({k.split("/")[2] for k in metrics}):
             m = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith(f"eval/mcmc/{label}/")}
-            lags = "  ".join(f"ρ({k.removeprefix('autocorr_lag')}) {m[k]:.3f}" for k in sorted(m) if k.startswith("autocorr"))
-            print(f"  starts ×{scale:g}  {label:>12s}: R̂ mean {m['rhat_mean']:.3f} (max {m['rhat_max']:.3f})  "
-                  f"ESS {m['ess_mean']:.0f} of {args.chains * (args.length - args.burn_in)}  {lags}")
+            lags = "  ".join(
+                f"ρ({k.removeprefix('autocorr_lag')}) {m[k]:.3f}" for k in sorted(m) if k.startswith("autocorr")
+            )
+            print(
+                f"  starts ×{scale:g}  {label:>12s}: R̂ mean {m['rhat_mean']:.3f} (max {m['rhat_max']:.3f})  "
+                f"ESS {m['ess_mean']:.0f} of {args.chains * (args.length - args.burn_in)}  {lags}"
+            )
     print(f"pictures: {out}")
 
 

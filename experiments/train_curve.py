@@ -13,6 +13,7 @@ optimizers, averages, every rank's RNGs and batch stream, the config). `--resume
 state up to `iterations` in all, with whatever overrides are given now (a lowered penalty, say): with the
 same overrides the continued run is the uninterrupted one, bit for bit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,23 @@ def main() -> None:
         resume = load_state_file(args.resume)
         trained = resume["config"]
         if trained["method"]["name"] != cfg.method.name:
-            ap.error(f"{args.resume} holds a {trained['method']['name']!r} run; {args.sweep} trains {cfg.method.name!r}")
+            ap.error(
+                f"{args.resume} holds a {trained['method']['name']!r} run; {args.sweep} trains {cfg.method.name!r}"
+            )
         if trained["seed"] != args.seed:
             ap.error(f"{args.resume} was trained with --seed {trained['seed']} (the seed draws the data): pass it")
         if resume["step"] >= args.iterations:
             ap.error(f"{args.resume} is at iteration {resume['step']}; ask for more than that")
         print(f"resuming at iteration {resume['step']} from {args.resume}", flush=True)
-    train_in_process(cfg, out, iterations=args.iterations, every=args.every, on_eval=show,
-                     save_states=args.save_states, resume=resume)
+    train_in_process(
+        cfg,
+        out,
+        iterations=args.iterations,
+        every=args.every,
+        on_eval=show,
+        save_states=args.save_states,
+        resume=resume,
+    )
     print(f"pictures: {Path(out) / 'plots'}" + (f", states: {Path(out) / 'states'}" if args.save_states else ""))
 
 

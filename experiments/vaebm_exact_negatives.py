@@ -11,6 +11,7 @@ regularizers and optimizer are those of the config. Evaluation is the usual one 
 which runs the config's chains on this energy: their Sinkhorn shows whether that sampler can follow it.
 Possible only where the VAE's own samples cover the target, i.e. on 2D toy data; single-threaded, seed 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,19 @@ def main() -> None:
             x_neg = pool[torch.multinomial(weights, len(x_pos), replacement=True)]
         out_step = method.energy_step(x_pos, x_neg)
         if step % 100 == 0:
-            print(f"{step}: energy gap {float(out_step['energy_gap']):.3f}, effective pool "
-                  f"{float(1 / weights.square().sum()):.0f} / {args.pool}, {time.time() - started:.0f}s", flush=True)
+            print(
+                f"{step}: energy gap {float(out_step['energy_gap']):.3f}, effective pool "
+                f"{float(1 / weights.square().sum()):.0f} / {args.pool}, {time.time() - started:.0f}s",
+                flush=True,
+            )
         if step % args.every == 0 or step == args.iterations:
             method.train(False)
             metrics, _ = evaluate_toy(method, data, cfg.eval, out, step)
-            print(step, {k: round(v, 3) for k, v in metrics.items()
-                         if "test_ll" in k or k.startswith("eval/sinkhorn")}, flush=True)
+            print(
+                step,
+                {k: round(v, 3) for k, v in metrics.items() if "test_ll" in k or k.startswith("eval/sinkhorn")},
+                flush=True,
+            )
     print(f"pictures: {out}")
 
 

@@ -1,4 +1,5 @@
 """Checks every method must pass, shared by the per-method test files."""
+
 import copy
 
 import torch
@@ -12,7 +13,11 @@ def assert_continues_exactly(build, batches: list[torch.Tensor], split: int = 2)
     for batch in batches[:split]:
         original.train_step(batch)
     # Deep copies: state_dict() holds references to live tensors, which the next steps would overwrite.
-    state, extra, rng = copy.deepcopy(original.state_dict()), copy.deepcopy(original.extra_state()), torch.get_rng_state()
+    state, extra, rng = (
+        copy.deepcopy(original.state_dict()),
+        copy.deepcopy(original.extra_state()),
+        torch.get_rng_state(),
+    )
     expected = [original.train_step(batch) for batch in batches[split:]]
     restored = build()
     restored.load_state_dict(state)

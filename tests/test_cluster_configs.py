@@ -1,5 +1,6 @@
 """The `ray up` configs validate against Ray's own autoscaler schema (offline), and start Ray from the
 project's venv so workers import the same code."""
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 """Config composition and validation: bad input fails before anything launches, naming the key."""
+
 import pytest
 
 from ebm_scale.cli import main
@@ -12,8 +13,12 @@ def test_quickstart_composes_with_the_issue_search_space():
     assert cfg.method.name == "mle" and cfg.data.name == "8gaussians"
     assert cfg.search.num_samples >= 12
     assert cfg.search.scheduler.kind == "asha"
-    assert set(cfg.search.space) == {"method.sampler.step_size", "method.sampler.steps",
-                                     "method.sampler.noise_scale", "method.loss.generator_weight"}
+    assert set(cfg.search.space) == {
+        "method.sampler.step_size",
+        "method.sampler.steps",
+        "method.sampler.noise_scale",
+        "method.loss.generator_weight",
+    }
 
 
 def test_every_named_sweep_and_group_option_composes():
@@ -35,22 +40,25 @@ def test_overrides_reach_typed_fields():
     assert cfg.method.sampler.step_size == 0.05 and cfg.method.sampler.rtol == 1e-4 and cfg.train.threads == 2
 
 
-@pytest.mark.parametrize("overrides, key, hint", [
-    (["method=nope"], "method", "mle"),
-    (["data=nope"], "data", "8gaussians"),
-    (["data.name=nope"], "data.name", "8gaussians"),
-    (["method.sampler.stepsize=0.1"], "method.sampler.stepsize", None),
-    (["method.sampler.steps=many"], "method.sampler.steps", None),
-    (["method.sampler.step_size=0"], "method.sampler.step_size", None),
-    (["method.sampler.step_size=-1"], "method.sampler.step_size", None),
-    (["method.sampler.steps=0"], "method.sampler.steps", None),
-    (["method.sampler.kind=hmc"], "method.sampler.kind", "langevin"),
-    (["train.iterations=0"], "train.iterations", None),
-    (["scaling.num_workers=-1"], "scaling.num_workers", None),
-    (["scaling.use_gpu=true"], "scaling.use_gpu", None),
-    (["search.scheduler.kind=hyperband"], "search.scheduler.kind", "asha"),
-    (["search.space.method.sampler.step_size={loguniform:[0,1]}"], "search.space.method.sampler.step_size", None),
-])
+@pytest.mark.parametrize(
+    "overrides, key, hint",
+    [
+        (["method=nope"], "method", "mle"),
+        (["data=nope"], "data", "8gaussians"),
+        (["data.name=nope"], "data.name", "8gaussians"),
+        (["method.sampler.stepsize=0.1"], "method.sampler.stepsize", None),
+        (["method.sampler.steps=many"], "method.sampler.steps", None),
+        (["method.sampler.step_size=0"], "method.sampler.step_size", None),
+        (["method.sampler.step_size=-1"], "method.sampler.step_size", None),
+        (["method.sampler.steps=0"], "method.sampler.steps", None),
+        (["method.sampler.kind=hmc"], "method.sampler.kind", "langevin"),
+        (["train.iterations=0"], "train.iterations", None),
+        (["scaling.num_workers=-1"], "scaling.num_workers", None),
+        (["scaling.use_gpu=true"], "scaling.use_gpu", None),
+        (["search.scheduler.kind=hyperband"], "search.scheduler.kind", "asha"),
+        (["search.space.method.sampler.step_size={loguniform:[0,1]}"], "search.space.method.sampler.step_size", None),
+    ],
+)
 def test_bad_values_are_rejected_naming_the_key(overrides, key, hint):
     with pytest.raises(ConfigError) as err:
         compose("quickstart", overrides)
@@ -60,8 +68,15 @@ def test_bad_values_are_rejected_naming_the_key(overrides, key, hint):
         assert hint in str(err.value)
 
 
-TRAIN_BAD = [("iterations", 0), ("batch_size", 0), ("eval_every", 0), ("log_every", 0),
-             ("device", "tpu"), ("threads", 0), ("max_consecutive_skips", 0)]
+TRAIN_BAD = [
+    ("iterations", 0),
+    ("batch_size", 0),
+    ("eval_every", 0),
+    ("log_every", 0),
+    ("device", "tpu"),
+    ("threads", 0),
+    ("max_consecutive_skips", 0),
+]
 
 
 @pytest.mark.parametrize("field, value", TRAIN_BAD)
@@ -72,8 +87,17 @@ def test_every_train_check_rejects_its_bad_value(field, value):
 
 
 def test_train_values_at_their_bounds_are_accepted():
-    cfg = compose(None, ["train.iterations=1", "train.batch_size=1", "train.eval_every=1", "train.log_every=1",
-                         "train.threads=1", "train.device=cpu"])
+    cfg = compose(
+        None,
+        [
+            "train.iterations=1",
+            "train.batch_size=1",
+            "train.eval_every=1",
+            "train.log_every=1",
+            "train.threads=1",
+            "train.device=cpu",
+        ],
+    )
     assert (cfg.train.iterations, cfg.train.batch_size, cfg.train.threads, cfg.train.device) == (1, 1, 1, "cpu")
 
 
@@ -90,8 +114,10 @@ def test_vaebm_target_accept_inside_0_1_is_accepted():
 
 def test_search_space_keys_must_exist(tmp_path):
     f = tmp_path / "typo.yaml"
-    f.write_text("defaults:\n  - quickstart\n  - _self_\nsearch:\n  space:\n"
-                 "    method.sampler.stepsize: {loguniform: [0.001, 1.0]}\n")
+    f.write_text(
+        "defaults:\n  - quickstart\n  - _self_\nsearch:\n  space:\n"
+        "    method.sampler.stepsize: {loguniform: [0.001, 1.0]}\n"
+    )
     with pytest.raises(ConfigError) as err:
         compose(str(f))
     assert err.value.key == "search.space.method.sampler.stepsize"
@@ -137,11 +163,14 @@ def test_single_run_keeps_the_sweeps_settings_and_drops_its_search():
     assert swept.search.space and cfg.method.sampler == swept.method.sampler and cfg.train.iterations == 10
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.nope=1", "train.nope"),                     # Hydra: "Could not override 'train.nope'"
-    ("train.iterations=[1, 2]", "train.iterations"),    # Hydra: "Error merging override train.iterations=..."
-    ("+train.iterations=5", "train.iterations"),        # Hydra: "Could not append to config. An item is already at"
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.nope=1", "train.nope"),  # Hydra: "Could not override 'train.nope'"
+        ("train.iterations=[1, 2]", "train.iterations"),  # Hydra: "Error merging override train.iterations=..."
+        ("+train.iterations=5", "train.iterations"),  # Hydra: "Could not append to config. An item is already at"
+    ],
+)
 def test_hydra_errors_without_structure_still_name_the_key(override, key):
     """Hydra gives no key for these, only English text (config._override_key reads it): an upgrade that
     rewords them fails here instead of silently naming 'overrides'."""

@@ -14,8 +14,11 @@ from ebm_scale.nets.mlp import LipSwish, ScalarHead
 def _output_shapes(net: nn.Module, x: torch.Tensor, kinds: tuple[type, ...]) -> list[tuple[int, ...]]:
     """(C, H, W) of every `kinds` module's output, in execution order (forward hooks)."""
     shapes = []
-    handles = [m.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape[1:])))
-               for m in net.modules() if isinstance(m, kinds)]
+    handles = [
+        m.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape[1:])))
+        for m in net.modules()
+        if isinstance(m, kinds)
+    ]
     with torch.no_grad():
         out = net(x)
     for handle in handles:
@@ -24,11 +27,14 @@ def _output_shapes(net: nn.Module, x: torch.Tensor, kinds: tuple[type, ...]) -> 
     return shapes
 
 
-@pytest.mark.parametrize("side, layout", [
-    # Paper 002 Table 4 (32×32×3) and Table 5 (64×64×3) with n_f = 32: each conv + LipSwish, then conv(1).
-    (32, [(32, 32, 32), (64, 16, 16), (128, 8, 8), (128, 4, 4)]),
-    (64, [(32, 64, 64), (64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 4, 4)]),
-])
+@pytest.mark.parametrize(
+    "side, layout",
+    [
+        # Paper 002 Table 4 (32×32×3) and Table 5 (64×64×3) with n_f = 32: each conv + LipSwish, then conv(1).
+        (32, [(32, 32, 32), (64, 16, 16), (128, 8, 8), (128, 4, 4)]),
+        (64, [(32, 64, 64), (64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 4, 4)]),
+    ],
+)
 def test_nt_ebm_matches_paper_tables(side, layout):
     net = build_conv_energy((3, side, side), ConvEnergyConfig("nt_ebm", channels=32))
     assert _output_shapes(net, torch.randn(1, 3, side, side), (LipSwish,)) == layout
@@ -54,8 +60,14 @@ def test_vaebm_matches_paper_table7_cifar10():
     # [RB down 256, RB 256] (down = halve the side), global sum pooling, FC → scalar.
     net = build_conv_energy((3, 32, 32), ConvEnergyConfig("vaebm_resnet", channels=128, blocks_per_stage=1))
     x = torch.randn(1, 3, 32, 32)
-    assert _output_shapes(net, x, (ResBlock,)) == [(128, 16, 16), (128, 16, 16), (256, 8, 8), (256, 8, 8),
-                                                   (256, 4, 4), (256, 4, 4)]
+    assert _output_shapes(net, x, (ResBlock,)) == [
+        (128, 16, 16),
+        (128, 16, 16),
+        (256, 8, 8),
+        (256, 8, 8),
+        (256, 4, 4),
+        (256, 4, 4),
+    ]
     assert [b.down for b in net.blocks] == [True, False] * 3
     assert net.stem.out_channels == 128 and isinstance(net.head, ScalarHead) and net.head.in_features == 256
 
@@ -145,8 +157,11 @@ def test_vaebm_data_dependent_init_normalises_conv_outputs():
     x = torch.randn(64, 3, 16, 16) * 3 + 1
     net.data_init(x)
     outs = {}
-    handles = [m.register_forward_hook(lambda m, i, o, name=name: outs.__setitem__(name, o))
-               for name, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    handles = [
+        m.register_forward_hook(lambda m, i, o, name=name: outs.__setitem__(name, o))
+        for name, m in net.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     with torch.no_grad():
         net(x)
     for handle in handles:
@@ -167,11 +182,14 @@ def test_unsupported_shapes_are_rejected_readably(arch, shape):
     assert str(tuple(shape)) in str(info.value) and arch in str(info.value)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("arch", "unet", "unknown conv energy 'unet' (allowed: nt_ebm, vaebm_resnet)"),
-    ("channels", 0, "must be >= 1, got 0"),
-    ("blocks_per_stage", -1, "must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("arch", "unet", "unknown conv energy 'unet' (allowed: nt_ebm, vaebm_resnet)"),
+        ("channels", 0, "must be >= 1, got 0"),
+        ("blocks_per_stage", -1, "must be >= 0, got -1"),
+    ],
+)
 def test_config_validation_names_the_key(field, value, message):
     cfg = ConvEnergyConfig(**{field: value})
     with pytest.raises(ConfigError) as info:

@@ -1,4 +1,5 @@
 """2D toy datasets: shapes, determinism, mass inside the box, exact mixture densities, config validation."""
+
 import math
 
 import pytest
@@ -63,16 +64,25 @@ def test_checkerboard_fills_only_the_checker_squares():
 
 def _mixture_density_by_hand(x, means, std):
     """Independent check: (1/K) Σ_k exp(−|x − μ_k|² / 2σ²) / (2πσ²), in plain Python."""
-    total = sum(math.exp(-((x[0] - mx) ** 2 + (x[1] - my) ** 2) / (2 * std**2)) / (2 * math.pi * std**2) for mx, my in means)
+    total = sum(
+        math.exp(-((x[0] - mx) ** 2 + (x[1] - my) ** 2) / (2 * std**2)) / (2 * math.pi * std**2) for mx, my in means
+    )
     return math.log(total / len(means))
 
 
-@pytest.mark.parametrize(("name", "means", "std", "point"), [
-    ("8gaussians", [(4 / 1.414 * math.cos(k * math.pi / 4), 4 / 1.414 * math.sin(k * math.pi / 4)) for k in range(8)],
-     0.5 / 1.414, (2.5, 0.4)),
-    ("25gaussians", [(i, j) for i in (-4, -2, 0, 2, 4) for j in (-4, -2, 0, 2, 4)], 0.08, (2.03, -3.9)),
-    ("grid", [(i, j) for i in (-5, 0, 5) for j in (-5, 0, 5)], math.sqrt(0.3), (4.2, 0.7)),
-])
+@pytest.mark.parametrize(
+    ("name", "means", "std", "point"),
+    [
+        (
+            "8gaussians",
+            [(4 / 1.414 * math.cos(k * math.pi / 4), 4 / 1.414 * math.sin(k * math.pi / 4)) for k in range(8)],
+            0.5 / 1.414,
+            (2.5, 0.4),
+        ),
+        ("25gaussians", [(i, j) for i in (-4, -2, 0, 2, 4) for j in (-4, -2, 0, 2, 4)], 0.08, (2.03, -3.9)),
+        ("grid", [(i, j) for i in (-5, 0, 5) for j in (-5, 0, 5)], math.sqrt(0.3), (4.2, 0.7)),
+    ],
+)
 def test_mixture_log_prob_matches_a_hand_computation(name, means, std, point):
     got = TOY_DATASETS[name].log_prob(torch.tensor([point], dtype=torch.float64))
     assert got.shape == (1,)

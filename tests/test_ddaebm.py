@@ -1,13 +1,14 @@
 """`ddaebm`: one adversarial step, the paper's ablation switches, T-step sampling (NFE = T), the terminal
 marginal check, images through the U-Net nets, and exact continuation."""
+
 import pytest
 import torch
+from method_checks import assert_continues_exactly, params, with_overrides
 
 from ebm_scale.errors import ConfigError
 from ebm_scale.methods import DataSpec, build_method
 from ebm_scale.methods.ddaebm import DdaebmConfig, DiffusionChainConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
-from method_checks import assert_continues_exactly, params, with_overrides
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
@@ -15,8 +16,9 @@ SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 def small_config(nets: DiffusionNetConfig | None = None, **overrides) -> DdaebmConfig:
     """`nets`: one architecture for the energy, generator and encoder alike."""
     nets = nets or DiffusionNetConfig(hidden=16, layers=3, embed_dim=8)
-    cfg = DdaebmConfig(energy=nets, generator=nets, encoder=nets,
-                       diffusion=DiffusionChainConfig(steps=3, beta_min=0.1, beta_max=20.0))
+    cfg = DdaebmConfig(
+        energy=nets, generator=nets, encoder=nets, diffusion=DiffusionChainConfig(steps=3, beta_min=0.1, beta_max=20.0)
+    )
     return with_overrides(cfg, overrides)
 
 
@@ -27,19 +29,31 @@ def test_step_trains_all_three_networks_and_reports_each_term():
     out = method.train_step(torch.randn(32, 2))
     for key, value in out.items():
         assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), key
-    assert {"loss/energy", "loss/generator", "loss/l1", "loss/l2", "encoder/kl", "gradient_penalty",
-            "energy/real", "energy/fake", "energy_gap"} <= set(out)
+    assert {
+        "loss/energy",
+        "loss/generator",
+        "loss/l1",
+        "loss/l2",
+        "encoder/kl",
+        "gradient_penalty",
+        "energy/real",
+        "energy/fake",
+        "energy_gap",
+    } <= set(out)
     for name, old in before.items():
         assert any(not torch.equal(a, b) for a, b in zip(old, method.networks[name].parameters())), name
     assert all(p.requires_grad for p in method.networks["energy"].parameters())  # unfrozen after the G step
 
 
-@pytest.mark.parametrize("ablation,missing", [
-    ({"latent_dim": 0}, {"encoder/kl"}),              # no latent z: deterministic G, no encoder at all
-    ({"reverse_kl_weight": 0.0}, {"loss/l2", "encoder/kl"}),   # KL only
-    ({"encoder_term": False}, set()),                 # no encoder term in L1
-    ({"gradient_penalty": 0.0}, {"gradient_penalty"}),
-])
+@pytest.mark.parametrize(
+    "ablation,missing",
+    [
+        ({"latent_dim": 0}, {"encoder/kl"}),  # no latent z: deterministic G, no encoder at all
+        ({"reverse_kl_weight": 0.0}, {"loss/l2", "encoder/kl"}),  # KL only
+        ({"encoder_term": False}, set()),  # no encoder term in L1
+        ({"gradient_penalty": 0.0}, {"gradient_penalty"}),
+    ],
+)
 def test_ablations_run(ablation, missing):
     torch.manual_seed(0)
     method = build_method(small_config(**ablation), SPEC, "cpu")
@@ -116,11 +130,12 @@ def test_terminal_start_follows_the_measured_marginal():
     narrow.networks["generator_ema"].register_forward_pre_hook(lambda _, args: starts.append(args[0]))
     narrow.sample(2000)
     a = float(narrow.schedule.alpha_bar[-1])
-    assert abs(float(starts[0].mean()) - 4.0 * a ** 0.5) < 0.1  # √ᾱ_T·x_0 of the data, not N(0, I)'s 0
+    assert abs(float(starts[0].mean()) - 4.0 * a**0.5) < 0.1  # √ᾱ_T·x_0 of the data, not N(0, I)'s 0
     wide = build_method(small_config(), SPEC, "cpu")
     assert float(wide.train_step(far)["terminal_kl_bound"]) < 0.05 and not wide.start_from_data
-    forced = build_method(small_config(diffusion=DiffusionChainConfig(steps=3, beta_max=2.0, terminal="gaussian")),
-                          SPEC, "cpu")
+    forced = build_method(
+        small_config(diffusion=DiffusionChainConfig(steps=3, beta_max=2.0, terminal="gaussian")), SPEC, "cpu"
+    )
     forced.train_step(far)
     assert not forced.start_from_data
 
@@ -128,8 +143,9 @@ def test_terminal_start_follows_the_measured_marginal():
 def test_data_start_pool_is_a_uniform_reservoir_of_every_point_seen():
     """Algorithm R: after streaming 5 batches of 100 points into a pool of 50, each batch holds ~1/5 of it."""
     torch.manual_seed(0)
-    method = build_method(small_config(diffusion=DiffusionChainConfig(steps=3, terminal="data", terminal_pool=50)),
-                          SPEC, "cpu")
+    method = build_method(
+        small_config(diffusion=DiffusionChainConfig(steps=3, terminal="data", terminal_pool=50)), SPEC, "cpu"
+    )
     counts = torch.zeros(5)
     for _ in range(400):
         method.pool, method.pool_seen = torch.empty(0, 2), 0
@@ -143,8 +159,9 @@ def test_data_start_pool_is_a_uniform_reservoir_of_every_point_seen():
 
 def test_images_through_the_unet_nets():
     torch.manual_seed(0)
-    cfg = small_config(nets=DiffusionNetConfig(arch="unet", channels=8, channel_mults=(1, 2), embed_dim=8,
-                                               activation="swish"))
+    cfg = small_config(
+        nets=DiffusionNetConfig(arch="unet", channels=8, channel_mults=(1, 2), embed_dim=8, activation="swish")
+    )
     method = build_method(cfg, DataSpec(shape=(1, 8, 8), kind="image"), "cpu")
     out = method.train_step(torch.randn(4, 1, 8, 8))
     assert all(torch.isfinite(v) for v in out.values())

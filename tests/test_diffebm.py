@@ -1,5 +1,6 @@
 """`diffebm`: the joint control/energy step, its ablations (η, α), skipping of non-finite steps, sampling
 cost, Prodigy, and exact continuation."""
+
 import copy
 import math
 
@@ -18,10 +19,11 @@ SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
 
 def small_config(**overrides) -> DiffebmConfig:
-    cfg = DiffebmConfig(sde=DiffebmSdeConfig(steps=8, sample_steps=5),
-                        energy=MLPConfig(hidden=16, layers=3, activation="silu"),
-                        control=DiffusionNetConfig(hidden=16, layers=3, activation="silu", embedding="fourier",
-                                                   embed_dim=8))
+    cfg = DiffebmConfig(
+        sde=DiffebmSdeConfig(steps=8, sample_steps=5),
+        energy=MLPConfig(hidden=16, layers=3, activation="silu"),
+        control=DiffusionNetConfig(hidden=16, layers=3, activation="silu", embedding="fourier", embed_dim=8),
+    )
     return with_overrides(cfg, overrides)
 
 
@@ -78,10 +80,13 @@ def test_energy_step_follows_its_formula(monkeypatch):
         assert torch.allclose(p.grad, g, rtol=1e-3, atol=1e-6), name
 
 
-@pytest.mark.parametrize("eta,alpha,present,absent", [
-    (0.0, 0.0, {"loss/dsm"}, {"loss/lv_control", "loss/lv_energy"}),
-    (1.0, 1.0, {"loss/lv_control", "loss/lv_energy"}, {"loss/dsm"}),
-])
+@pytest.mark.parametrize(
+    "eta,alpha,present,absent",
+    [
+        (0.0, 0.0, {"loss/dsm"}, {"loss/lv_control", "loss/lv_energy"}),
+        (1.0, 1.0, {"loss/lv_control", "loss/lv_energy"}, {"loss/dsm"}),
+    ],
+)
 def test_eta_and_alpha_switch_the_terms(eta, alpha, present, absent):
     torch.manual_seed(0)
     out = build_method(small_config(eta=eta, alpha=alpha), SPEC, "cpu").train_step(torch.randn(16, 2))

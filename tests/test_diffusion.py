@@ -1,5 +1,6 @@
 """Diffusion utilities (ebm_scale/diffusion): schedules, posterior, forward process, VP SDE, and the two
 generator losses — each against an independently computed closed form."""
+
 import math
 
 import pytest
@@ -40,8 +41,8 @@ def test_schedule_matches_the_continuous_marginal_and_its_own_steps():
     assert torch.allclose(torch.cumprod(1 - sched.betas.double(), 0), expected, rtol=1e-5)
     # and agrees with the continuous VP SDE's mean coefficient m(t)² = ᾱ
     mean, std = VPSDE(0.1, 20.0).marginal(s.float())
-    assert torch.allclose(mean ** 2, sched.alpha_bar, rtol=1e-5)
-    assert torch.allclose(std ** 2, 1 - sched.alpha_bar, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(mean**2, sched.alpha_bar, rtol=1e-5)
+    assert torch.allclose(std**2, 1 - sched.alpha_bar, rtol=1e-5, atol=1e-7)
 
 
 def test_posterior_against_gaussian_product():
@@ -119,8 +120,8 @@ def test_importance_weight():
     t = torch.tensor([1, 2, 4])
     assert torch.allclose(sched.importance_weight(t, 1.0, 1.0), torch.ones(3))
     lam = sched.importance_weight(t, 2.0, 0.5)
-    assert abs(float(lam[2]) - 2.0) < 1e-6      # t'(T) = 1 → w
-    assert abs(float(lam[1]) - 0.5) < 1e-6      # t'(t) = ½ → w_mid
+    assert abs(float(lam[2]) - 2.0) < 1e-6  # t'(T) = 1 → w
+    assert abs(float(lam[1]) - 0.5) < 1e-6  # t'(t) = ½ → w_mid
 
 
 def test_vp_sde_perturb_matches_marginal():
@@ -131,8 +132,8 @@ def test_vp_sde_perturb_matches_marginal():
     t = torch.full((n,), 0.3)
     xt = sde.perturb(x0, t)
     # dX = −½β X dt + √β dW: m(t) = exp(−½∫₀ᵗ β) = exp(−½(β_min·t + ½(β_max − β_min)·t²)), s² = 1 − m²
-    mean = math.exp(-0.5 * (0.1 * 0.3 + 0.5 * 9.9 * 0.3 ** 2))
-    std = math.sqrt(1 - mean ** 2)
+    mean = math.exp(-0.5 * (0.1 * 0.3 + 0.5 * 9.9 * 0.3**2))
+    std = math.sqrt(1 - mean**2)
     assert abs(float(xt.mean()) - 3 * mean) < 0.01
     assert abs(float(xt.std()) - std) < 0.01
     got_mean, got_std = sde.marginal(torch.tensor(0.3))
@@ -142,9 +143,10 @@ def test_vp_sde_perturb_matches_marginal():
 def _gaussian_target(m: float, s: float, sde: VPSDE):
     """Target N(m, s²) per dimension noised by the VP SDE: p_t = N(m·a(t), v(t)), v = s²a² + 1 − a², and the
     optimal control is the scaled score u*(y, t) = g(t)·(m·a − y)/v."""
+
     def marginal(t):
         a, _ = sde.marginal(t)
-        return m * a, s ** 2 * a ** 2 + 1 - a ** 2
+        return m * a, s**2 * a**2 + 1 - a**2
 
     def optimal(y, t):
         mean, var = marginal(t)
@@ -159,7 +161,7 @@ def _gaussian_target(m: float, s: float, sde: VPSDE):
         return mean + var.sqrt() * torch.randn(n, dim)
 
     def log_target(y):  # unnormalized on purpose: the constant must not matter
-        return (-0.5 * (y - m) ** 2 / s ** 2).sum(1) + 7.0
+        return (-0.5 * (y - m) ** 2 / s**2).sum(1) + 7.0
 
     return optimal, log_start, sample_start, log_target
 
@@ -178,10 +180,12 @@ def test_log_variance_vanishes_at_the_optimal_control_only():
     optimal, log_start, sample_start, log_target = _gaussian_target(1.5, 0.5, sde)
     coarse, _ = _lv(optimal, sde, log_start, sample_start, log_target, steps=100)
     at_optimum, path = _lv(optimal, sde, log_start, sample_start, log_target, steps=400)
-    off = [_lv(lambda y, t: 0.7 * optimal(y, t), sde, log_start, sample_start, log_target, steps=400)[0],
-           _lv(lambda y, t: optimal(y, t) + 1.0, sde, log_start, sample_start, log_target, steps=400)[0]]
+    off = [
+        _lv(lambda y, t: 0.7 * optimal(y, t), sde, log_start, sample_start, log_target, steps=400)[0],
+        _lv(lambda y, t: optimal(y, t) + 1.0, sde, log_start, sample_start, log_target, steps=400)[0],
+    ]
     assert at_optimum < 0.2, at_optimum
-    assert at_optimum < 0.35 * coarse, (coarse, at_optimum)     # → 0 as the solver refines
+    assert at_optimum < 0.35 * coarse, (coarse, at_optimum)  # → 0 as the solver refines
     assert min(off) > 10 * at_optimum, (at_optimum, off)
     # the optimally controlled SDE does generate the target
     end = path.xs[-1]
@@ -225,7 +229,7 @@ def test_dsm_decreases_and_is_smallest_at_the_true_score():
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     optimum = sum(float(denoising_score_matching(sde, optimal, data[:2048])) for _ in range(10)) / 10
     assert last < 0.7 * first, (first, last)
-    assert optimum <= last + 0.02, (optimum, last)   # the true score is (up to noise) the minimizer
+    assert optimum <= last + 0.02, (optimum, last)  # the true score is (up to noise) the minimizer
 
 
 def test_dsm_is_the_per_dimension_squared_residual():
@@ -244,12 +248,12 @@ def test_dsm_is_the_per_dimension_squared_residual():
     dsm = denoising_score_matching(sde, control, x0, t_min=0.01)
     ((x_t, t),) = calls
     beta = 0.1 + 9.9 * t
-    m = torch.exp(-0.5 * (0.1 * t + 0.5 * 9.9 * t ** 2))
-    s = (1 - m ** 2).sqrt()
+    m = torch.exp(-0.5 * (0.1 * t + 0.5 * 9.9 * t**2))
+    s = (1 - m**2).sqrt()
     eps = (x_t - m[:, None] * x0) / s[:, None]
     residual = s[:, None] * (0.5 * x_t + 0.3) / beta.sqrt()[:, None] + eps
     assert float(t.min()) >= 0.01 and abs(float(eps.std()) - 1) < 0.01
-    assert torch.allclose(dsm, (residual ** 2).sum(1).mean() / dim, rtol=1e-4)
+    assert torch.allclose(dsm, (residual**2).sum(1).mean() / dim, rtol=1e-4)
 
     zero = denoising_score_matching(sde, lambda x, t: torch.zeros_like(x), x0)
     assert abs(float(zero) - 1.0) < 0.02, float(zero)

@@ -1,5 +1,6 @@
 """Engine pieces without a Ray cluster: exact resume through the loop's checkpoints, outcome rules, and
 Optuna being told the truth about early-stopped trials (real OptunaSearch, real Optuna study)."""
+
 import math
 
 import pytest
@@ -11,9 +12,19 @@ from ebm_scale.engine.loop import MetricAccumulator, train
 from ebm_scale.engine.state import load_state
 from ebm_scale.engine.sweep import _prune_aware_optuna, trial_outcome, tune_search_space
 
-TINY = ["method.energy.hidden=16", "method.energy.layers=3", "method.sampler.steps=3", "train.batch_size=32",
-        "train.log_every=5", "eval.n_samples=50", "eval.grid_size=16", "eval.plots=false",
-        "search.scheduler.kind=fifo", "method.sampler.init=buffer", "method.sampler.noise_scale=0.1"]
+TINY = [
+    "method.energy.hidden=16",
+    "method.energy.layers=3",
+    "method.sampler.steps=3",
+    "train.batch_size=32",
+    "train.log_every=5",
+    "eval.n_samples=50",
+    "eval.grid_size=16",
+    "eval.plots=false",
+    "search.scheduler.kind=fifo",
+    "method.sampler.init=buffer",
+    "method.sampler.noise_scale=0.1",
+]
 
 
 class MemorySession:
@@ -188,6 +199,15 @@ def test_a_gpu_run_on_a_cluster_without_gpus_names_use_gpu():
 def test_the_sweep_logs_only_what_describes_the_model_as_best_metrics():
     from ebm_scale.engine.sweep import _describes_the_model
 
-    tune_result = {"eval/sinkhorn": 0.2, "train/loss": 1.0, "step": 300, "pid": 123, "time_since_restore": 4.0,
-                   "timestamp": 1.7e9, "training_iteration": 6, "node_ip": "10.0.0.1", "done": True}
+    tune_result = {
+        "eval/sinkhorn": 0.2,
+        "train/loss": 1.0,
+        "step": 300,
+        "pid": 123,
+        "time_since_restore": 4.0,
+        "timestamp": 1.7e9,
+        "training_iteration": 6,
+        "node_ip": "10.0.0.1",
+        "done": True,
+    }
     assert {k for k, v in tune_result.items() if _describes_the_model(k, v)} == {"eval/sinkhorn", "train/loss", "step"}

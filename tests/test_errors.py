@@ -1,6 +1,7 @@
 """Every bad input a newcomer tried is one clear line: exit 2, the key named, no traceback, and nothing left
 behind (no MLflow store, no run folder, no Ray session). Each case runs the real CLI entry point in a fresh
 working directory."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,7 +18,7 @@ SPACE_SWEEP = "defaults:\n  - config\n  - override search: asha\n  - _self_\nnam
 FILES = {
     "syntax.yaml": "defaults:\n  - config\n  - _self_\nname: bad\ntrain: {iterations: 10\n",
     "tab.yaml": "defaults:\n  - config\n  - _self_\nname: bad\ntrain:\n\titerations: 10\n",
-    "space_list.yaml": "defaults:\n  - config\n  - override search: asha\n  - _self_\nname: bad\nsearch:\n  space: [1, 2]\n",
+    "space_list.yaml": SPACE_SWEEP.replace("  space:\n    {}\n", "  space: [1, 2]\n"),
     "float_on_int.yaml": SPACE_SWEEP.format("method.sampler.steps: {uniform: [-5, 25]}"),
     "str_on_float.yaml": SPACE_SWEEP.format("method.sampler.step_size: {choice: [abc, def]}"),
     "out_of_bounds.yaml": SPACE_SWEEP.format("method.sampler.noise_scale: {uniform: [-1.0, 1.0]}"),
@@ -88,19 +89,30 @@ def _runs(db) -> int:
 
 def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
     """The same through a real process: what a user's shell sees."""
-    out = subprocess.run([sys.executable, "-m", "ebm_scale.cli", "sweep", "quickstart", "method=5"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ebm_scale.cli", "sweep", "quickstart", "method=5"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "ebm-scale: config error: method: names a config in sweeps/method/, got 5 "
-        "(allowed: ddaebm, diffebm, flow, mle, nt_ebm, vae, vaebm)"]
+        "(allowed: ddaebm, diffebm, flow, mle, nt_ebm, vae, vaebm)"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_search_space_entries_can_be_set_from_the_command_line():
-    cfg = compose("quickstart", ["search.space.method.sampler.steps={randint: [3, 9]}",
-                                 "+search.space.method.optim.lr={loguniform: [1.0e-4, 1.0e-2]}",
-                                 "~search.space.method.loss.generator_weight"])
+    cfg = compose(
+        "quickstart",
+        [
+            "search.space.method.sampler.steps={randint: [3, 9]}",
+            "+search.space.method.optim.lr={loguniform: [1.0e-4, 1.0e-2]}",
+            "~search.space.method.loss.generator_weight",
+        ],
+    )
     assert cfg.search.space["method.sampler.steps"] == {"randint": [3, 9]}  # replaced, not merged
     assert cfg.search.space["method.optim.lr"] == {"loguniform": [1.0e-4, 1.0e-2]}
     assert "method.loss.generator_weight" not in cfg.search.space
@@ -113,15 +125,24 @@ def test_search_space_entries_can_be_set_from_the_command_line():
 
 
 def test_a_search_value_must_fit_the_field():
-    ok = compose("quickstart", ["search.space.method.sampler.steps={choice: [5, 10]}",
-                                "search.space.method.sampler.step_size={randint: [1, 3]}"])  # ints fit a float
+    ok = compose(
+        "quickstart",
+        [
+            "search.space.method.sampler.steps={choice: [5, 10]}",
+            "search.space.method.sampler.step_size={randint: [1, 3]}",
+        ],
+    )  # ints fit a float
     assert ok.search.space["method.sampler.steps"] == {"choice": [5, 10]}
-    for space, key in [("{method.sampler.steps: {choice: [5, 2.5]}}", "search.space.method.sampler.steps"),
-                       ("{method.sampler.kind: {choice: [langevin, hmc]}}", "search.space.method.sampler.kind"),
-                       ("{method.sampler: {choice: [1, 2]}}", "search.space.method.sampler"),
-                       ("{method.nope: {uniform: [0.0, 1.0]}}", "search.space.method.nope"),
-                       ("{method.sampler.buffer_reinit_prob: {uniform: [0.5, 1.5]}}",
-                        "search.space.method.sampler.buffer_reinit_prob")]:
+    for space, key in [
+        ("{method.sampler.steps: {choice: [5, 2.5]}}", "search.space.method.sampler.steps"),
+        ("{method.sampler.kind: {choice: [langevin, hmc]}}", "search.space.method.sampler.kind"),
+        ("{method.sampler: {choice: [1, 2]}}", "search.space.method.sampler"),
+        ("{method.nope: {uniform: [0.0, 1.0]}}", "search.space.method.nope"),
+        (
+            "{method.sampler.buffer_reinit_prob: {uniform: [0.5, 1.5]}}",
+            "search.space.method.sampler.buffer_reinit_prob",
+        ),
+    ]:
         with pytest.raises(ConfigError) as err:
             compose("quickstart", [f"search.space={space}"])
         assert err.value.key == key, (space, str(err.value))

@@ -180,10 +180,16 @@ def test_maximum_likelihood_fits_a_two_mode_mixture():
     assert 0.4 < upper < 0.6 and between < 0.1
 
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("arch", "resnet", ARCHS), ("coupling", "spline", COUPLINGS),
-    ("depth", 0, None), ("hidden", 0, None), ("coupling_layers", 0, None),
-])
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("arch", "resnet", ARCHS),
+        ("coupling", "spline", COUPLINGS),
+        ("depth", 0, None),
+        ("hidden", 0, None),
+        ("coupling_layers", 0, None),
+    ],
+)
 def test_validation_names_the_key(field, value, allowed):
     cfg = FlowConfig(**{field: value})
     with pytest.raises(ConfigError) as err:

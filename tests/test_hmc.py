@@ -19,8 +19,7 @@ def gaussian_energy(x):
 
 def test_registered_with_keyword_only_knobs():
     assert SAMPLERS["hmc"] is sample_hmc
-    assert sampler_knobs(sample_hmc) == ("steps", "leapfrog_steps", "step_size", "target_accept", "adapt",
-                                         "adapt_rate")
+    assert sampler_knobs(sample_hmc) == ("steps", "leapfrog_steps", "step_size", "target_accept", "adapt", "adapt_rate")
 
 
 @pytest.mark.parametrize("initial_step_size", [0.01, 2.0])
@@ -36,8 +35,14 @@ def test_recovers_a_correlated_gaussian_and_adapts_to_the_target_acceptance(init
     # L = 3 as in paper 002. (A fixed trajectory length εL can resonate with the target: with L = 5 the
     # adapted ε ≈ 0.85 turns the slow direction by ≈ π per transition, x ↦ ≈ −x, and the overdispersed start
     # is still visible after 400 transitions. Slow mixing, not bias — but this test needs the chain mixed.)
-    x = sample_hmc(gaussian_energy, 3 * torch.randn(n, 2, dtype=torch.float64), steps=steps, leapfrog_steps=3,
-                   step_size=initial_step_size, callback=record)
+    x = sample_hmc(
+        gaussian_energy,
+        3 * torch.randn(n, 2, dtype=torch.float64),
+        steps=steps,
+        leapfrog_steps=3,
+        step_size=initial_step_size,
+        callback=record,
+    )
     accept, step_sizes = torch.stack(accept), torch.stack(step_sizes)
     assert abs(accept[burn_in:].mean().item() - 0.651) < 0.05
     assert 0.1 < step_sizes[-1].item() < 0.89  # adapted into the stable range, whichever side it came from
@@ -60,19 +65,40 @@ def test_leaves_the_target_exactly_invariant():
 def test_adapt_false_keeps_the_step_size_and_a_tensor_step_size_carries_over():
     torch.manual_seed(0)
     seen = []
-    sample_hmc(gaussian_energy, torch.randn(64, 2), steps=20, leapfrog_steps=3, step_size=0.05, adapt=False,
-               callback=seen.append)
+    sample_hmc(
+        gaussian_energy,
+        torch.randn(64, 2),
+        steps=20,
+        leapfrog_steps=3,
+        step_size=0.05,
+        adapt=False,
+        callback=seen.append,
+    )
     assert all(info["step_size"].item() == pytest.approx(0.05) for info in seen)
     # Adapting: acceptance ≈ 1 at ε = 0.05, so ε grows by (1 + rate) every transition...
     seen = []
-    sample_hmc(gaussian_energy, torch.randn(64, 2), steps=10, leapfrog_steps=3, step_size=0.05, adapt_rate=0.1,
-               callback=seen.append)
-    assert seen[-1]["step_size"].item() == pytest.approx(0.05 * 1.1 ** 10, rel=1e-5)
+    sample_hmc(
+        gaussian_energy,
+        torch.randn(64, 2),
+        steps=10,
+        leapfrog_steps=3,
+        step_size=0.05,
+        adapt_rate=0.1,
+        callback=seen.append,
+    )
+    assert seen[-1]["step_size"].item() == pytest.approx(0.05 * 1.1**10, rel=1e-5)
     # ...and a persistent chain resumes from the reported 0-d tensor.
     resumed = []
-    sample_hmc(gaussian_energy, torch.randn(64, 2), steps=1, leapfrog_steps=3, step_size=seen[-1]["step_size"],
-               adapt=False, callback=resumed.append)
-    assert resumed[0]["step_size"].item() == pytest.approx(0.05 * 1.1 ** 10, rel=1e-5)
+    sample_hmc(
+        gaussian_energy,
+        torch.randn(64, 2),
+        steps=1,
+        leapfrog_steps=3,
+        step_size=seen[-1]["step_size"],
+        adapt=False,
+        callback=resumed.append,
+    )
+    assert resumed[0]["step_size"].item() == pytest.approx(0.05 * 1.1**10, rel=1e-5)
 
 
 def test_callback_keys_shapes_and_per_chain_accept_reject_under_no_grad():
@@ -118,8 +144,15 @@ def test_non_finite_proposals_are_rejected(forbidden):
     n = 2000
     accept = []
     x0 = torch.stack([-torch.randn(n).abs(), torch.randn(n)], 1).double()
-    x = sample_hmc(walled_energy, x0, steps=60, leapfrog_steps=3, step_size=0.5, adapt=False,
-                   callback=lambda info: accept.append(info["accept_prob"]))
+    x = sample_hmc(
+        walled_energy,
+        x0,
+        steps=60,
+        leapfrog_steps=3,
+        step_size=0.5,
+        adapt=False,
+        callback=lambda info: accept.append(info["accept_prob"]),
+    )
     assert torch.isfinite(x).all() and (x[:, 0] <= 0).all()
     assert (torch.stack(accept) == 0).any()  # the wall was hit and the proposals refused
     assert x[:, 0].mean().item() == pytest.approx(-math.sqrt(2 / math.pi), abs=4 * 0.6 / math.sqrt(n))

@@ -89,8 +89,16 @@ def test_ess_of_iid_draws_is_the_draw_count_and_of_a_sticky_chain_much_less():
 
 def test_summary_holds_plain_floats_and_skips_lags_beyond_the_trace():
     summary = mcmc_summary(ar1(0.5, 4, 60, 2), burn_in=10)
-    assert set(summary) == {"rhat_mean", "rhat_max", "rhat_converged", "ess_mean", "ess_min", "ess_per_draw",
-                            "autocorr_lag1", "autocorr_lag10"}  # 50 draws: no lag 100
+    assert set(summary) == {
+        "rhat_mean",
+        "rhat_max",
+        "rhat_converged",
+        "ess_mean",
+        "ess_min",
+        "ess_per_draw",
+        "autocorr_lag1",
+        "autocorr_lag10",
+    }  # 50 draws: no lag 100
     assert all(type(v) is float for v in summary.values())
     assert summary["rhat_max"] >= summary["rhat_mean"] and summary["ess_min"] <= summary["ess_mean"]
     assert summary["autocorr_lag1"] == pytest.approx(0.5, abs=0.2)
@@ -137,9 +145,15 @@ def test_evaluate_chains_summarises_the_draws_after_burn_in(tmp_path):
     kept = method.traces.double().numpy()[:, burn_in:]
     rhat = np.array([arviz.rhat(kept[..., k], method="identity") for k in range(2)])
     ess = np.array([arviz.ess(kept[..., k], method="bulk") for k in range(2)])
-    expected = {"rhat_mean": rhat.mean(), "rhat_max": rhat.max(), "rhat_converged": (rhat < 1.2).mean(),
-                "ess_mean": ess.mean(), "ess_min": ess.min(), "ess_per_draw": ess.mean() / (m * (n - burn_in)),
-                **{f"autocorr_lag{k}": hand_autocorrelation(kept, k) for k in (1, 10, 100)}}
+    expected = {
+        "rhat_mean": rhat.mean(),
+        "rhat_max": rhat.max(),
+        "rhat_converged": (rhat < 1.2).mean(),
+        "ess_mean": ess.mean(),
+        "ess_min": ess.min(),
+        "ess_per_draw": ess.mean() / (m * (n - burn_in)),
+        **{f"autocorr_lag{k}": hand_autocorrelation(kept, k) for k in (1, 10, 100)},
+    }
     assert set(metrics) == {f"eval/mcmc/data/{k}" for k in expected}
     for key, value in expected.items():
         assert metrics[f"eval/mcmc/data/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
@@ -163,15 +177,22 @@ def _is_png(path):
 def test_plots_write_pngs(tmp_path):
     rng = np.random.default_rng(0)
     rhat = {"latent": 1 + 0.05 * rng.random(200), "data": np.append(1 + 3 * rng.random(200), np.inf)}
-    acf = {"latent": autocorrelation(ar1(0.3, 3, 300, 2), 50),
-           "data": torch.from_numpy(autocorrelation(ar1(0.95, 3, 300, 2), 50))}
+    acf = {
+        "latent": autocorrelation(ar1(0.3, 3, 300, 2), 50),
+        "data": torch.from_numpy(autocorrelation(ar1(0.95, 3, 300, 2), 50)),
+    }
     steps = np.arange(100)
     paths = [
         plot_rhat(rhat, tmp_path / "rhat.png", title="R-hat"),
         plot_autocorrelation(acf, tmp_path / "acf.png"),
-        plot_series({"accept rate": (steps, 0.65 + 0.05 * rng.normal(size=100)),
-                     "step size": (torch.arange(100), torch.linspace(0.15, 0.3, 100))}, tmp_path / "sub" / "s.png",
-                    title="HMC"),
+        plot_series(
+            {
+                "accept rate": (steps, 0.65 + 0.05 * rng.normal(size=100)),
+                "step size": (torch.arange(100), torch.linspace(0.15, 0.3, 100)),
+            },
+            tmp_path / "sub" / "s.png",
+            title="HMC",
+        ),
         plot_traces(torch.from_numpy(ar1(0.9, 8, 200, 2)), tmp_path / "traces.png"),
     ]
     assert all(_is_png(p) for p in paths)

@@ -1,4 +1,5 @@
 """Quadrature log-likelihood, Sinkhorn distance, and evaluate_toy end to end on CPU."""
+
 import math
 
 import pytest
@@ -68,15 +69,19 @@ def _mixture_log_prob(means, std, weights):
     def log_prob(x):
         sq = (x.double()[:, None, :] - means[None]).pow(2).sum(-1)
         return torch.logsumexp(weights.log() - 0.5 * sq / std**2 - math.log(2 * math.pi * std**2), dim=1)
+
     return log_prob
 
 
-@pytest.mark.parametrize("weights, std, weights_gap, within_gap", [
-    # misweighted, right shape: the gap is E_truth[log ¼ − log w_k] = ¼ Σ log(¼ / w_k), all across the modes
-    ((0.4, 0.3, 0.2, 0.1), 0.1, 0.25 * sum(math.log(0.25 / w) for w in (0.4, 0.3, 0.2, 0.1)), 0.0),
-    # right weights, 1.5× too broad: the 2D Gaussian cross-entropy excess 2(log r + 1/(2r²) − ½), all within
-    ((0.25,) * 4, 0.15, 0.0, 2 * (math.log(1.5) + 1 / (2 * 1.5**2) - 0.5)),
-])
+@pytest.mark.parametrize(
+    "weights, std, weights_gap, within_gap",
+    [
+        # misweighted, right shape: the gap is E_truth[log ¼ − log w_k] = ¼ Σ log(¼ / w_k), all across the modes
+        ((0.4, 0.3, 0.2, 0.1), 0.1, 0.25 * sum(math.log(0.25 / w) for w in (0.4, 0.3, 0.2, 0.1)), 0.0),
+        # right weights, 1.5× too broad: the 2D Gaussian cross-entropy excess 2(log r + 1/(2r²) − ½), all within
+        ((0.25,) * 4, 0.15, 0.0, 2 * (math.log(1.5) + 1 / (2 * 1.5**2) - 0.5)),
+    ],
+)
 def test_split_by_mode_tells_misweighted_modes_from_misshapen_ones(weights, std, weights_gap, within_gap):
     means = torch.tensor([[-1.5, -1.5], [-1.5, 1.5], [1.5, -1.5], [1.5, 1.5]], dtype=torch.float64)
     truth = _mixture_log_prob(means, 0.1, torch.full((4,), 0.25, dtype=torch.float64))
@@ -85,8 +90,9 @@ def test_split_by_mode_tells_misweighted_modes_from_misshapen_ones(weights, std,
     centres = means[torch.randint(4, (20000,), generator=gen)]  # the centres, then the noise
     x = centres + 0.1 * torch.randn(20000, 2, dtype=torch.float64, generator=gen)
     bounds = (-3.0, 3.0)
-    reports, _ = quadrature_log_likelihoods(lambda p: {"truth": truth(p), "model": model(p)}, x, bounds, 240,
-                                            modes=means, no_grad=True)
+    reports, _ = quadrature_log_likelihoods(
+        lambda p: {"truth": truth(p), "model": model(p)}, x, bounds, 240, modes=means, no_grad=True
+    )
     for report in reports.values():  # the two parts always sum to the log-likelihood
         assert report["mode_weights_ll"] + report["within_mode_ll"] == pytest.approx(report["log_likelihood"], abs=1e-9)
     t, m = reports["truth"], reports["model"]
@@ -289,15 +295,28 @@ def test_evaluate_toy_without_densities_or_truth_or_plots(tmp_path):
     assert [p.name for p in paths] == ["samples_000000.png"]  # no density to draw
 
 
-@pytest.mark.parametrize(("field", "value"), [("n_samples", 0), ("sinkhorn_reg", 0.0), ("sinkhorn_cost", "cosine"),
-                                              ("sinkhorn_iters", 0), ("grid_size", 2)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n_samples", 0), ("sinkhorn_reg", 0.0), ("sinkhorn_cost", "cosine"), ("sinkhorn_iters", 0), ("grid_size", 2)],
+)
 def test_eval_config_validation_names_the_key(field, value):
     with pytest.raises(ConfigError, match=f"eval.{field}"):
         EvalConfig(**{field: value}).validate("eval")
 
 
-@pytest.mark.parametrize(("field", "value"), [("chains", 1), ("length", 1), ("burn_in", -1), ("burn_in", 1999),
-                                              ("max_lag", 0), ("max_dims", 0), ("init_scale", 0.0), ("when", "often")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("chains", 1),
+        ("length", 1),
+        ("burn_in", -1),
+        ("burn_in", 1999),
+        ("max_lag", 0),
+        ("max_dims", 0),
+        ("init_scale", 0.0),
+        ("when", "often"),
+    ],
+)
 def test_mcmc_eval_config_is_checked_as_part_of_eval(field, value):
     from ebm_scale.metrics.chains import McmcEvalConfig
 

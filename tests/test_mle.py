@@ -9,15 +9,24 @@ from ebm_scale.methods.mle import Mle, MleConfig, MleLossConfig, MleSamplerConfi
 from ebm_scale.nets import MLPConfig
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
-METRIC_KEYS = {"loss", "loss/ml", "energy/pos", "energy/neg", "energy_gap", "chain/grad_norm_first",
-               "chain/grad_norm_last", "grad_norm"}
-
+METRIC_KEYS = {
+    "loss",
+    "loss/ml",
+    "energy/pos",
+    "energy/neg",
+    "energy_gap",
+    "chain/grad_norm_first",
+    "chain/grad_norm_last",
+    "grad_norm",
+}
 
 
 def small_config(kind="euler", steps=10, generator_weight=0.0, init="noise", **sampler):
-    return MleConfig(energy=MLPConfig(hidden=32, layers=3),
-                     sampler=MleSamplerConfig(kind=kind, steps=steps, init=init, **sampler),
-                     loss=MleLossConfig(generator_weight=generator_weight))
+    return MleConfig(
+        energy=MLPConfig(hidden=32, layers=3),
+        sampler=MleSamplerConfig(kind=kind, steps=steps, init=init, **sampler),
+        loss=MleLossConfig(generator_weight=generator_weight),
+    )
 
 
 def two_modes(n, generator=None):
@@ -40,8 +49,11 @@ def test_one_step_reports_finite_detached_scalars(kind, generator_weight, energy
     method = build_method(cfg, SPEC, "cpu")
     out = method.train_step(two_modes(64))
     # A weighted term is reported exactly when its weight is on.
-    expected = (METRIC_KEYS | ({"loss/generator"} if generator_weight else set())
-                | ({"loss/energy_reg"} if energy_reg else set()))
+    expected = (
+        METRIC_KEYS
+        | ({"loss/generator"} if generator_weight else set())
+        | ({"loss/energy_reg"} if energy_reg else set())
+    )
     assert set(out) == expected
     for key, value in out.items():
         assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), key
@@ -170,9 +182,11 @@ def test_state_dict_round_trip_reproduces_next_step(init):
 
 def test_short_training_moves_samples_onto_the_modes():
     torch.manual_seed(0)
-    cfg = MleConfig(energy=MLPConfig(hidden=64, layers=3),
-                    sampler=MleSamplerConfig(kind="euler", steps=20, step_size=0.1),
-                    optim=OptimConfig(lr=2e-3))
+    cfg = MleConfig(
+        energy=MLPConfig(hidden=64, layers=3),
+        sampler=MleSamplerConfig(kind="euler", steps=20, step_size=0.1),
+        optim=OptimConfig(lr=2e-3),
+    )
     method = build_method(cfg, SPEC, "cpu")
     modes = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
 
@@ -190,13 +204,26 @@ def test_short_training_moves_samples_onto_the_modes():
     assert 0.25 < share_right < 0.75, share_right  # both modes, not a collapse onto one
 
 
-@pytest.mark.parametrize("section, field, value", [
-    ("sampler", "step_size", 0.0), ("sampler", "steps", 0), ("sampler", "noise_scale", -0.1),
-    ("sampler", "horizon", 0.0), ("sampler", "rtol", 0.0), ("sampler", "kind", "hmc"), ("sampler", "init", "pcd"),
-    ("sampler", "solver", "rk4"), ("sampler", "buffer_reinit_prob", 1.5), ("sampler", "buffer_size", 0),
-    ("sampler", "sample_steps", 0), ("loss", "generator_weight", -1.0), ("loss", "energy_reg", -0.5),
-    ("energy", "activation", "nope"), ("optim", "lr", 0.0),
-])
+@pytest.mark.parametrize(
+    "section, field, value",
+    [
+        ("sampler", "step_size", 0.0),
+        ("sampler", "steps", 0),
+        ("sampler", "noise_scale", -0.1),
+        ("sampler", "horizon", 0.0),
+        ("sampler", "rtol", 0.0),
+        ("sampler", "kind", "hmc"),
+        ("sampler", "init", "pcd"),
+        ("sampler", "solver", "rk4"),
+        ("sampler", "buffer_reinit_prob", 1.5),
+        ("sampler", "buffer_size", 0),
+        ("sampler", "sample_steps", 0),
+        ("loss", "generator_weight", -1.0),
+        ("loss", "energy_reg", -0.5),
+        ("energy", "activation", "nope"),
+        ("optim", "lr", 0.0),
+    ],
+)
 def test_validation_names_the_full_key(section, field, value):
     cfg = MleConfig()
     setattr(getattr(cfg, section), field, value)

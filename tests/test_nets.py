@@ -6,8 +6,6 @@ from ebm_scale.errors import ConfigError
 from ebm_scale.nets import ACTIVATIONS, EnergyMLP, MLPConfig, ScalarHead
 
 
-
-
 def test_energy_mlp_shape_and_layer_count():
     net = EnergyMLP(2, MLPConfig(hidden=32, layers=4))
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]

@@ -1,5 +1,6 @@
 """`nt_ebm`: HMC in the flow's latent space vs data space, both objectives, densities, long-chain traces and
 exact continuation (persistent chains and adapted step size included)."""
+
 import copy
 
 import pytest
@@ -24,8 +25,12 @@ def flow_backbone(tmp_path) -> str:
 
 
 def small_config(backbone, objective="mle", **sampler):
-    return NtEbmConfig(backbone=backbone, objective=objective, energy=EnergyNetConfig(hidden=16, layers=3),
-                       sampler=NtEbmSamplerConfig(steps=3, leapfrog_steps=2, sample_steps=4, **sampler))
+    return NtEbmConfig(
+        backbone=backbone,
+        objective=objective,
+        energy=EnergyNetConfig(hidden=16, layers=3),
+        sampler=NtEbmSamplerConfig(steps=3, leapfrog_steps=2, sample_steps=4, **sampler),
+    )
 
 
 @pytest.mark.parametrize("space", ["latent", "data"])

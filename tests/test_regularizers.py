@@ -1,4 +1,5 @@
 """Shared training pieces: the spectral regularizer and IGEBM-style elementwise gradient clipping."""
+
 import torch
 from torch import nn
 
@@ -48,8 +49,8 @@ def test_elementwise_clipping_bounds_each_gradient_by_adams_second_moment():
 
 
 def test_lr_halflife_halves_the_learning_rate_and_resumes_from_the_checkpointed_rate():
-    from ebm_scale.methods.mle import MleConfig  # any method: the decay lives in the shared optimizer_step
     from ebm_scale.methods import DataSpec, build_method
+    from ebm_scale.methods.mle import MleConfig  # any method: the decay lives in the shared optimizer_step
 
     cfg = MleConfig()
     cfg.optim.lr, cfg.optim.lr_halflife = 1e-3, 4

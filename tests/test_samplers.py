@@ -4,12 +4,18 @@ import pytest
 import torch
 
 from ebm_scale.samplers import (
-    CHAIN_INITS, SAMPLERS, DataInit, NoiseInit, ReplayBuffer, mean_grad_norm, ode_log_density, sample_euler,
+    CHAIN_INITS,
+    SAMPLERS,
+    DataInit,
+    NoiseInit,
+    ReplayBuffer,
+    mean_grad_norm,
+    ode_log_density,
+    sample_euler,
     sample_langevin,
-    sample_ode, sampler_knobs,
+    sample_ode,
+    sampler_knobs,
 )
-
-
 
 # An anisotropic, correlated Gaussian target: E(x) = ½ (x − μ)ᵀ P (x − μ), P = Σ⁻¹.
 MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
@@ -36,8 +42,9 @@ def test_registry_and_knobs():
 def test_langevin_samples_a_gaussian_target():
     torch.manual_seed(0)
     step_size, n = 0.4, 20000
-    x = sample_langevin(gaussian_energy, torch.randn(n, 2, dtype=torch.float64),
-                        steps=150, step_size=step_size, noise_scale=1.0)
+    x = sample_langevin(
+        gaussian_energy, torch.randn(n, 2, dtype=torch.float64), steps=150, step_size=step_size, noise_scale=1.0
+    )
     mean, cov = x.mean(0), torch.cov(x.T)
     # For a Gaussian target the discretised chain is linear, y ← A y + sqrt(η) ω with A = I − (η/2) P, so its
     # stationary law is exactly N(μ, C) with C = η (I − A²)⁻¹ = (P − η P²/4)⁻¹ = Σ (I − η P / 4)⁻¹: the mean
@@ -56,15 +63,22 @@ def test_langevin_samples_a_gaussian_target():
 
 def test_noise_free_dynamics_converge_to_the_mode():
     torch.manual_seed(0)
-    x = sample_langevin(gaussian_energy, 3 * torch.randn(500, 2, dtype=torch.float64),
-                        steps=800, step_size=0.1, noise_scale=0.0)
+    x = sample_langevin(
+        gaussian_energy, 3 * torch.randn(500, 2, dtype=torch.float64), steps=800, step_size=0.1, noise_scale=0.0
+    )
     assert (x - MU).abs().max() < 1e-3
 
 
 def test_callback_sees_every_step_with_documented_keys():
     seen = []
-    sample_langevin(gaussian_energy, torch.randn(8, 2, dtype=torch.float64), steps=5, step_size=0.1,
-                    noise_scale=0.5, callback=seen.append)
+    sample_langevin(
+        gaussian_energy,
+        torch.randn(8, 2, dtype=torch.float64),
+        steps=5,
+        step_size=0.1,
+        noise_scale=0.5,
+        callback=seen.append,
+    )
     assert [info["step"] for info in seen] == list(range(5))
     for info in seen:
         assert {"step", "x", "grad", "energy"} <= set(info)

@@ -1,4 +1,5 @@
 """The engine's policy for skipped optimizer steps (engine/skips.py), and the shared step that skips them."""
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def test_a_non_finite_loss_is_skipped_and_named():
     method = TwoOptimizers()
     before = [p.detach().clone() for p in method.networks["a"].parameters()]
     method.train_step(torch.ones(4, 1))
-    assert method.skipped_steps == [] and not all(torch.equal(a, b) for a, b in
-                                                  zip(before, method.networks["a"].parameters()))
+    assert method.skipped_steps == [] and not all(
+        torch.equal(a, b) for a, b in zip(before, method.networks["a"].parameters())
+    )
     out = method.train_step(torch.full((4, 1), float("inf")))
     assert method.skipped_steps == ["a", "b"] and set(out) == {"loss"}
 
@@ -42,7 +44,7 @@ def test_skips_are_counted_filtered_and_end_the_run_when_they_do_not_stop():
     finite = skips.observe(method, method.train_step(torch.ones(4, 1)))
     assert skips.metrics(method) == {"train/skipped/a": 0.0, "train/skipped/b": 0.0}
     assert set(finite) == {"loss", "grad_norm/a", "grad_norm/b"}
-    for i in range(2):  # skipped steps report only their finite values: not divergence yet
+    for _ in range(2):  # skipped steps report only their finite values: not divergence yet
         out = skips.observe(method, method.train_step(torch.full((4, 1), float("inf"))))
         assert out == {} and method.skipped_steps == []
     assert skips.metrics(method) == {"train/skipped/a": 2.0, "train/skipped/b": 2.0} and skips.in_a_row == 2
@@ -88,9 +90,19 @@ class Recorder:
         return None
 
 
-DIFFEBM_TINY = ["method=diffebm", "method.energy.hidden=8", "method.control.hidden=8", "method.sde.steps=3",
-                "train.batch_size=16", "train.log_every=5", "train.iterations=20", "train.eval_every=10",
-                "eval.n_samples=50", "eval.grid_size=16", "eval.plots=false"]
+DIFFEBM_TINY = [
+    "method=diffebm",
+    "method.energy.hidden=8",
+    "method.control.hidden=8",
+    "method.sde.steps=3",
+    "train.batch_size=16",
+    "train.log_every=5",
+    "train.iterations=20",
+    "train.eval_every=10",
+    "eval.n_samples=50",
+    "eval.grid_size=16",
+    "eval.plots=false",
+]
 
 
 def test_the_loop_counts_skips_and_ends_a_run_that_keeps_skipping():

@@ -1,6 +1,7 @@
 """End to end on a real local Ray and a real MLflow store (SQLite): sweeps, TorchTrainer trials, resume
 after a crash, divergence, and `ebm-scale train` on a TorchTrainer. Everything below runs the same code path
 as `ebm-scale sweep` / `ebm-scale train`."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,11 +11,17 @@ from mlflow.tracking import MlflowClient
 from ebm_scale.cli import main
 from ebm_scale.config import compose
 from ebm_scale.engine.sweep import run_sweep
-from ebm_scale.engine.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KIND_TAG, OUTCOME_TAG, TRIAL_TAG
+from ebm_scale.engine.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KIND_TAG, OUTCOME_TAG
 
 TINY = [  # small enough that a trial trains in a second or two
-    "method.energy.hidden=32", "method.energy.layers=3", "method.sampler.steps=5", "method.sampler.kind=euler",
-    "train.batch_size=64", "train.log_every=5", "eval.n_samples=200", "eval.grid_size=40",
+    "method.energy.hidden=32",
+    "method.energy.layers=3",
+    "method.sampler.steps=5",
+    "method.sampler.kind=euler",
+    "train.batch_size=64",
+    "train.log_every=5",
+    "eval.n_samples=200",
+    "eval.grid_size=40",
 ]
 
 
@@ -45,14 +52,18 @@ def _children(client, result):
 
 
 def test_two_trial_sweep_is_recorded_in_mlflow(tmp_path):
-    result, client, lines = _sweep(tmp_path, "e2e", [
-        "search.num_samples=2", "search.scheduler.kind=fifo", "train.iterations=20", "train.eval_every=10"])
+    result, client, lines = _sweep(
+        tmp_path,
+        "e2e",
+        ["search.num_samples=2", "search.scheduler.kind=fifo", "train.iterations=20", "train.eval_every=10"],
+    )
     assert result.counts["finished"] == 2
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags[KIND_TAG] == "sweep" and parent.info.status == "FINISHED"
     assert "ray_version" in parent.data.tags and "torch_version" in parent.data.tags
-    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id, "config")} | \
-                   {f.path for f in client.list_artifacts(parent.info.run_id, "summary")}
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id, "config")} | {
+        f.path for f in client.list_artifacts(parent.info.run_id, "summary")
+    }
     assert {"config/composed.yaml", "summary/learning_curves.png", "summary/best.json"} <= parent_files
     assert any(k.startswith("best/eval/sinkhorn") for k in parent.data.metrics)
     # Only what describes the model and the run: no Tune bookkeeping (pid, timestamps, iterations, hosts).
@@ -81,9 +92,18 @@ def test_two_trial_sweep_is_recorded_in_mlflow(tmp_path):
 
 
 def test_torch_trainer_trial_reports_to_tune_and_mlflow(tmp_path):
-    result, client, _ = _sweep(tmp_path, "ddp", [
-        "scaling=cpu2", "search.num_samples=1", "search.scheduler.kind=fifo",
-        "train.iterations=10", "train.eval_every=5"], space="{}")
+    result, client, _ = _sweep(
+        tmp_path,
+        "ddp",
+        [
+            "scaling=cpu2",
+            "search.num_samples=1",
+            "search.scheduler.kind=fifo",
+            "train.iterations=10",
+            "train.eval_every=5",
+        ],
+        space="{}",
+    )
     assert result.counts["finished"] == 1
     assert result.best_metrics["step"] == 10 and result.best_metrics["eval/sinkhorn"] > 0  # reached Tune
     (run,) = _children(client, result)
@@ -93,9 +113,19 @@ def test_torch_trainer_trial_reports_to_tune_and_mlflow(tmp_path):
 
 
 def test_crashed_trial_resumes_from_its_checkpoint_without_a_second_run(tmp_path):
-    result, client, _ = _sweep(tmp_path, "crash", [
-        "search.num_samples=1", "search.scheduler.kind=fifo", "scaling.max_failures=1",
-        "train.iterations=30", "train.eval_every=10", "debug.crash_once_at_step=25"], space="{}")
+    result, client, _ = _sweep(
+        tmp_path,
+        "crash",
+        [
+            "search.num_samples=1",
+            "search.scheduler.kind=fifo",
+            "scaling.max_failures=1",
+            "train.iterations=30",
+            "train.eval_every=10",
+            "debug.crash_once_at_step=25",
+        ],
+        space="{}",
+    )
     assert result.counts["finished"] == 1 and result.best_metrics["step"] == 30
     (run,) = _children(client, result)  # one MLflow run, not two
     resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
@@ -104,9 +134,18 @@ def test_crashed_trial_resumes_from_its_checkpoint_without_a_second_run(tmp_path
 
 
 def test_injected_nan_ends_one_trial_as_diverged_and_the_sweep_goes_on(tmp_path):
-    result, client, lines = _sweep(tmp_path, "nan", [
-        "search.algo=random", "search.num_samples=1", "search.scheduler.kind=fifo",
-        "train.iterations=20", "train.eval_every=5"], space="{debug.nan_at_step: {grid: [7, 1000]}}")
+    result, client, lines = _sweep(
+        tmp_path,
+        "nan",
+        [
+            "search.algo=random",
+            "search.num_samples=1",
+            "search.scheduler.kind=fifo",
+            "train.iterations=20",
+            "train.eval_every=5",
+        ],
+        space="{debug.nan_at_step: {grid: [7, 1000]}}",
+    )
     assert result.counts == {"finished": 1, "pruned": 0, "diverged": 1, "failed": 0}
     by_outcome = {r.data.tags[OUTCOME_TAG]: r for r in _children(client, result)}
     bad = by_outcome["diverged"]
@@ -135,13 +174,32 @@ def test_two_stage_sweep_trains_the_backbone_once_and_every_trial_refers_to_it(t
 
     monkeypatch.setattr(backbones, "CACHE", tmp_path / "cache")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = compose("nt_ebm_toy", [
-        "name=two_stage", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs",
-        "method.flow.depth=2", "method.flow.hidden=16", "method.pretrain.iterations=20",
-        "method.energy.hidden=16", "method.energy.layers=3", "method.sampler.steps=2", "method.sampler.sample_steps=3",
-        "train.iterations=10", "train.eval_every=10", "train.log_every=5", "train.batch_size=64",
-        "eval.n_samples=100", "eval.grid_size=30", "eval.mcmc.chains=4", "eval.mcmc.length=20", "eval.mcmc.burn_in=5",
-        "search.num_samples=2", "search.scheduler.kind=fifo"])
+    cfg = compose(
+        "nt_ebm_toy",
+        [
+            "name=two_stage",
+            f"tracking.uri={uri}",
+            f"storage.path={tmp_path}/runs",
+            "method.flow.depth=2",
+            "method.flow.hidden=16",
+            "method.pretrain.iterations=20",
+            "method.energy.hidden=16",
+            "method.energy.layers=3",
+            "method.sampler.steps=2",
+            "method.sampler.sample_steps=3",
+            "train.iterations=10",
+            "train.eval_every=10",
+            "train.log_every=5",
+            "train.batch_size=64",
+            "eval.n_samples=100",
+            "eval.grid_size=30",
+            "eval.mcmc.chains=4",
+            "eval.mcmc.length=20",
+            "eval.mcmc.burn_in=5",
+            "search.num_samples=2",
+            "search.scheduler.kind=fifo",
+        ],
+    )
     lines: list[str] = []
     result = run_sweep(cfg, printer=lines.append)
     assert result.counts["finished"] == 2
@@ -163,8 +221,12 @@ def test_two_stage_sweep_trains_the_backbone_once_and_every_trial_refers_to_it(t
         assert run.data.tags[BACKBONE_TAG] == reference and run.data.params["method.backbone"] == reference
         assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
         # The tilted model beside its flow, and the latent-vs-data mixing diagnostics, are in every trial.
-        assert {"eval/test_ll/nt_ebm", "eval/test_ll/flow", "eval/mcmc/latent/rhat_mean",
-                "eval/mcmc/data/rhat_mean"} <= set(run.data.metrics)
+        assert {
+            "eval/test_ll/nt_ebm",
+            "eval/test_ll/flow",
+            "eval/mcmc/latent/rhat_mean",
+            "eval/mcmc/data/rhat_mean",
+        } <= set(run.data.metrics)
         # HMC runs during training only for the mle objective (nce trains against flow samples).
         assert ("train/mcmc/accept_rate" in run.data.metrics) == (run.data.params["method.objective"] == "mle")
         plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
@@ -180,14 +242,34 @@ def test_vaebm_toy_as_shipped_pretrains_its_vae_and_trains_with_hmc(tmp_path, mo
 
     monkeypatch.setattr(backbones, "CACHE", tmp_path / "cache")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = compose("vaebm_toy", [
-        "name=vaebm_e2e", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs",
-        "method.vae.hidden=16", "method.vae.layers=2", "method.vae.latent_dim=3", "method.pretrain.iterations=10",
-        "method.pretrain.kl_warmup=5", "method.energy.hidden=16", "method.energy.layers=3", "method.iw_samples=4",
-        "method.sampler.steps=2", "method.sampler.sample_steps=3",
-        "train.iterations=10", "train.eval_every=10", "train.log_every=5", "train.batch_size=32",
-        "eval.n_samples=100", "eval.grid_size=30", "eval.mcmc.chains=4", "eval.mcmc.length=20", "eval.mcmc.burn_in=5",
-    ], single_run=True)
+    cfg = compose(
+        "vaebm_toy",
+        [
+            "name=vaebm_e2e",
+            f"tracking.uri={uri}",
+            f"storage.path={tmp_path}/runs",
+            "method.vae.hidden=16",
+            "method.vae.layers=2",
+            "method.vae.latent_dim=3",
+            "method.pretrain.iterations=10",
+            "method.pretrain.kl_warmup=5",
+            "method.energy.hidden=16",
+            "method.energy.layers=3",
+            "method.iw_samples=4",
+            "method.sampler.steps=2",
+            "method.sampler.sample_steps=3",
+            "train.iterations=10",
+            "train.eval_every=10",
+            "train.log_every=5",
+            "train.batch_size=32",
+            "eval.n_samples=100",
+            "eval.grid_size=30",
+            "eval.mcmc.chains=4",
+            "eval.mcmc.length=20",
+            "eval.mcmc.burn_in=5",
+        ],
+        single_run=True,
+    )
     assert cfg.method.sampler.kind == "hmc"
     result = run_sweep(cfg, printer=lambda _: None)
     assert result.counts["finished"] == 1
@@ -195,8 +277,13 @@ def test_vaebm_toy_as_shipped_pretrains_its_vae_and_trains_with_hmc(tmp_path, mo
     trials = [r for r in _children(client, result) if r.data.params["method.name"] == "vaebm"]
     assert len(trials) == 1
     metrics = trials[0].data.metrics
-    assert {"train/mcmc/accept_rate", "train/mcmc/step_size", "eval/test_ll/vaebm", "eval/test_ll/vae",
-            "eval/mcmc/eps_hmc/rhat_mean"} <= set(metrics)
+    assert {
+        "train/mcmc/accept_rate",
+        "train/mcmc/step_size",
+        "eval/test_ll/vaebm",
+        "eval/test_ll/vae",
+        "eval/mcmc/eps_hmc/rhat_mean",
+    } <= set(metrics)
     assert 0 <= metrics["train/mcmc/accept_rate"] <= 1
     plots = {f.path for f in client.list_artifacts(trials[0].info.run_id, "plots")}
     assert "plots/curves_000010.png" in plots
@@ -208,8 +295,15 @@ def test_cli_rejects_a_backbone_of_the_wrong_kind_before_any_trial(capsys, tmp_p
 
     flow = Flow((2,), FlowConfig(depth=1, hidden=8))
     path = save_backbone(str(tmp_path / "flow"), backbone_state("flow", (2,), flow.cfg, flow))
-    code = main(["train", "method=vaebm", f"method.backbone={path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                 f"storage.path={tmp_path}/runs"])
+    code = main(
+        [
+            "train",
+            "method=vaebm",
+            f"method.backbone={path}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"storage.path={tmp_path}/runs",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "method.backbone" in err and "'flow' backbone" in err and "needs a 'vae'" in err
@@ -220,8 +314,19 @@ def test_cli_rejects_a_backbone_of_the_wrong_kind_before_any_trial(capsys, tmp_p
 def test_cli_train_with_workers_runs_a_torch_trainer_without_tune(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    code = main(["train", "method=mle", "data=8gaussians", *TINY, "scaling=cpu2", "train.iterations=10",
-                 "train.eval_every=5", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs"])
+    code = main(
+        [
+            "train",
+            "method=mle",
+            "data=8gaussians",
+            *TINY,
+            "scaling=cpu2",
+            "train.iterations=10",
+            "train.eval_every=5",
+            f"tracking.uri={uri}",
+            f"storage.path={tmp_path}/runs",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out  # the workers' evaluations, printed by the driver from the MLflow run
     assert "eval     step 5/10" in out and "eval     step 10/10" in out and "finished in" in out
@@ -243,20 +348,45 @@ def test_cli_names_use_gpu_when_the_cluster_has_no_gpu(capsys, tmp_path, monkeyp
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # checked before any run
 
 
-@pytest.mark.parametrize("sweep,tiny", [
-    ("ddaebm_toy", ["method.energy.hidden=16", "method.generator.hidden=16", "method.encoder.hidden=16",
-                    "method.diffusion.steps=2"]),
-    ("diffebm_toy", ["method.energy.hidden=16", "method.control.hidden=16", "method.sde.steps=4",
-                     "method.sde.sample_steps=4"]),
-])
+@pytest.mark.parametrize(
+    "sweep,tiny",
+    [
+        (
+            "ddaebm_toy",
+            [
+                "method.energy.hidden=16",
+                "method.generator.hidden=16",
+                "method.encoder.hidden=16",
+                "method.diffusion.steps=2",
+            ],
+        ),
+        (
+            "diffebm_toy",
+            ["method.energy.hidden=16", "method.control.hidden=16", "method.sde.steps=4", "method.sde.sample_steps=4"],
+        ),
+    ],
+)
 def test_diffusion_toy_sweeps_run_end_to_end(tmp_path, sweep, tiny):
     """The issue-4 toy sweeps as shipped (their search spaces included), shrunk to seconds: trials in MLflow
     with the sampler's NFE and wall-clock per sample."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = compose(sweep, tiny + [
-        f"name={sweep}_e2e", f"tracking.uri={uri}", f"storage.path={tmp_path}/runs", "train.iterations=10",
-        "train.eval_every=10", "train.log_every=5", "train.batch_size=32", "eval.n_samples=100",
-        "eval.grid_size=30", "search.num_samples=2", "search.scheduler.kind=fifo"])
+    cfg = compose(
+        sweep,
+        tiny
+        + [
+            f"name={sweep}_e2e",
+            f"tracking.uri={uri}",
+            f"storage.path={tmp_path}/runs",
+            "train.iterations=10",
+            "train.eval_every=10",
+            "train.log_every=5",
+            "train.batch_size=32",
+            "eval.n_samples=100",
+            "eval.grid_size=30",
+            "search.num_samples=2",
+            "search.scheduler.kind=fifo",
+        ],
+    )
     result = run_sweep(cfg, printer=lambda _: None)
     assert result.counts["finished"] == 2
     client = MlflowClient(uri)
@@ -265,6 +395,12 @@ def test_diffusion_toy_sweeps_run_end_to_end(tmp_path, sweep, tiny):
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
         metrics = run.data.metrics
-        assert {"eval/sinkhorn", "eval/test_ll/ebm", "eval/nfe", "eval/sample_ms_per_sample", "train/energy_gap"} <= set(metrics)
+        assert {
+            "eval/sinkhorn",
+            "eval/test_ll/ebm",
+            "eval/nfe",
+            "eval/sample_ms_per_sample",
+            "train/energy_gap",
+        } <= set(metrics)
         steps_key = "method.diffusion.steps" if sweep == "ddaebm_toy" else "method.sde.sample_steps"
         assert metrics["eval/nfe"] == float(run.data.params[steps_key])

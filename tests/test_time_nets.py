@@ -7,7 +7,11 @@ from torch import nn
 from ebm_scale.diffusion.embeddings import EMBEDDINGS, FourierFeatures, SinusoidalEmbedding
 from ebm_scale.errors import ConfigError
 from ebm_scale.nets.diffusion_nets import (
-    DiffusionNetConfig, build_control, build_encoder, build_generator, build_time_energy,
+    DiffusionNetConfig,
+    build_control,
+    build_encoder,
+    build_generator,
+    build_time_energy,
 )
 from ebm_scale.nets.time_mlp import TimeEnergyMLP, TimeMLP, TimeMLPConfig
 from ebm_scale.nets.unet import UNet, UNetConfig
@@ -30,6 +34,7 @@ def _seed():
 
 
 # ---- embeddings ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(EMBEDDINGS))
 def test_embedding_shapes_and_integer_times(name):
@@ -64,6 +69,7 @@ def test_fourier_weight_is_a_saved_buffer_drawn_with_scale():
 
 
 # ---- builders: shapes, time conditioning, gradients ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape, net", CASES, ids=IDS)
 @pytest.mark.parametrize("time_kind", ["long", "float"])
@@ -122,6 +128,7 @@ def test_unet_energy_is_half_squared_residual():
 
 # ---- TimeMLP / UNet directly ---------------------------------------------------------------------------------
 
+
 def test_time_mlp_concatenates_inputs_and_accepts_empty_latent():
     cfg = TimeMLPConfig(hidden=8, embed_dim=4)
     net, x, t = TimeMLP(5, 2, cfg), torch.randn(N, 5), _times("long")
@@ -163,17 +170,21 @@ def test_unet_cond_is_required_when_declared():
 
 # ---- config validation ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, key", [
-    (dict(arch="transformer"), "method.net.arch"),
-    (dict(layers=1), "method.net.layers"),
-    (dict(activation="nope"), "method.net.activation"),
-    (dict(embedding="nope"), "method.net.embedding"),
-    (dict(embed_dim=7), "method.net.embed_dim"),
-    (dict(time_scale=0.0), "method.net.time_scale"),
-    (dict(arch="unet", channel_mults=()), "method.net.channel_mults"),
-    (dict(arch="unet", blocks_per_level=0), "method.net.blocks_per_level"),
-    (dict(arch="unet", channels=0), "method.net.channels"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(arch="transformer"), "method.net.arch"),
+        (dict(layers=1), "method.net.layers"),
+        (dict(activation="nope"), "method.net.activation"),
+        (dict(embedding="nope"), "method.net.embedding"),
+        (dict(embed_dim=7), "method.net.embed_dim"),
+        (dict(time_scale=0.0), "method.net.time_scale"),
+        (dict(arch="unet", channel_mults=()), "method.net.channel_mults"),
+        (dict(arch="unet", blocks_per_level=0), "method.net.blocks_per_level"),
+        (dict(arch="unet", channels=0), "method.net.channels"),
+    ],
+)
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:  # checked once, at compose time: the builders do not re-validate
         DiffusionNetConfig(**overrides).validate("method.net")

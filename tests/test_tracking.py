@@ -1,6 +1,7 @@
 """The engine's MLflow layer on a real SQLite store: batches go through MLflow's async queue, and flush()
 must leave none of them behind (a trial's worker may exit, or its temporary store vanish, right after);
 experiments open on the runs table; running trials' heartbeats reach the sweep's printer."""
+
 from mlflow.tracking import MlflowClient
 
 from ebm_scale.engine import tracking

@@ -1,6 +1,7 @@
 """`ebm-scale train` without Tune: in this process, no Ray started or imported, recorded in MLflow as a
 sweep's trial is (params, metrics, pictures, outcome tag and status, checkpoint, provenance); what needs the
 cluster is checked before any run is created."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,20 @@ from ebm_scale.engine import run as single
 from ebm_scale.engine.state import STATE_FILE
 from ebm_scale.engine.tracking import CHECKPOINT_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KIND_TAG, OUTCOME_TAG
 
-TINY = ["method=mle", "data=8gaussians", "method.energy.hidden=32", "method.energy.layers=3",
-        "method.sampler.steps=5", "method.sampler.kind=euler", "train.batch_size=64", "train.log_every=5",
-        "eval.n_samples=200", "eval.grid_size=40", "train.iterations=20", "train.eval_every=10"]
+TINY = [
+    "method=mle",
+    "data=8gaussians",
+    "method.energy.hidden=32",
+    "method.energy.layers=3",
+    "method.sampler.steps=5",
+    "method.sampler.kind=euler",
+    "train.batch_size=64",
+    "train.log_every=5",
+    "eval.n_samples=200",
+    "eval.grid_size=40",
+    "train.iterations=20",
+    "train.eval_every=10",
+]
 
 IN_A_FRESH_PROCESS = """
 import json, sys
@@ -41,8 +53,13 @@ def _only_run(tmp_path):
 
 
 def test_train_runs_in_process_without_ray_and_is_recorded_as_a_trial_is(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", IN_A_FRESH_PROCESS, "train", *TINY, *_stores(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", IN_A_FRESH_PROCESS, "train", *TINY, *_stores(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     *lines, last = proc.stdout.strip().splitlines()
     assert json.loads(last) == {"code": 0, "ray_imported": False}

@@ -58,8 +58,12 @@ def _factor_analysis(learn_sigma_x: bool, floor: float = 0.05):
     u = torch.linalg.qr(torch.randn(dim, latent)).Q
     s, b = torch.tensor([2.0, 0.7]), torch.tensor([1.0, -2.0, 0.5])
     w = u * s
-    vae = VAE((dim,), VAEConfig(arch="linear", latent_dim=latent, learn_sigma_x=learn_sigma_x,
-                                sigma_x=floor if learn_sigma_x else sigma))
+    vae = VAE(
+        (dim,),
+        VAEConfig(
+            arch="linear", latent_dim=latent, learn_sigma_x=learn_sigma_x, sigma_x=floor if learn_sigma_x else sigma
+        ),
+    )
     post_var = sigma**2 / (sigma**2 + s**2)  # (I + WᵀW/σ²)⁻¹, diagonal because WᵀW = diag(s²)
     a = (w / (sigma**2 + s**2)).T  # posterior mean = Σ_post Wᵀ(x − b)/σ²
     with torch.no_grad():
@@ -157,8 +161,18 @@ def test_log_sigmas_are_clamped():
     assert torch.allclose(vae.decode(torch.zeros(1, 2))[1], torch.tensor(math.log(0.05)))  # the floor, not -9
 
 
-@pytest.mark.parametrize("field, value", [("arch", "rnn"), ("latent_dim", 0), ("hidden", 0), ("layers", 0),
-                                          ("activation", "sigmoidish"), ("sigma_x", 0.0), ("sigma_x", 50.0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("arch", "rnn"),
+        ("latent_dim", 0),
+        ("hidden", 0),
+        ("layers", 0),
+        ("activation", "sigmoidish"),
+        ("sigma_x", 0.0),
+        ("sigma_x", 50.0),
+    ],
+)
 def test_validation_names_the_key(field, value):
     with pytest.raises(ConfigError, match=f"method.vae.{field}"):
         VAEConfig(**{field: value}).validate("method.vae")
@@ -170,8 +184,16 @@ def test_unknown_arch_lists_allowed_values():
     assert "allowed: mlp, conv, linear" in str(info.value)
 
 
-@pytest.mark.parametrize("shape, layers, key", [((2,), 2, "arch"), ((3, 12, 12), 2, "arch"), ((3, 4, 4), 1, "arch"),
-                                                ((3, 16, 8), 2, "arch"), ((3, 8, 8), 4, "layers")])
+@pytest.mark.parametrize(
+    "shape, layers, key",
+    [
+        ((2,), 2, "arch"),
+        ((3, 12, 12), 2, "arch"),
+        ((3, 4, 4), 1, "arch"),
+        ((3, 16, 8), 2, "arch"),
+        ((3, 8, 8), 4, "layers"),
+    ],
+)
 def test_conv_shape_rules_name_the_key(shape, layers, key):
     cfg = VAEConfig(arch="conv", hidden=4, layers=layers)
     with pytest.raises(ConfigError, match=f"method.vae.{key}"):
@@ -209,7 +231,9 @@ def test_kl_warmup_ramps_the_kl_weight_and_continues_exactly():
     for _ in range(3):
         out = resumed.train_step(batch)
         weights.append(resumed.kl_weight())
-        assert (out["loss"] + out["elbo"]).item() == pytest.approx(-(1 - weights[-1]) * out["kl"].item(), rel=1e-5, abs=1e-6)
+        assert (out["loss"] + out["elbo"]).item() == pytest.approx(
+            -(1 - weights[-1]) * out["kl"].item(), rel=1e-5, abs=1e-6
+        )
     assert weights == [0.75, 1.0, 1.0]
     plain = build_method(VaeConfig(vae=VAEConfig(hidden=16, layers=2, latent_dim=3)), spec, "cpu")
     out = plain.train_step(batch)

@@ -1,9 +1,11 @@
 """`vaebm`: Langevin and HMC in the VAE's noise space target the tilted joint, the training step, the replay-buffer
 ramp, the adapted HMC step, densities, and exact continuation from extra_state."""
+
 import copy
 
 import pytest
 import torch
+from method_checks import assert_continues_exactly
 from torch import nn
 
 from ebm_scale.errors import ConfigError
@@ -13,7 +15,6 @@ from ebm_scale.methods.vaebm import VaebmConfig, VaebmSamplerConfig
 from ebm_scale.nets.energy import EnergyNetConfig
 from ebm_scale.nets.vae import VAE, VAEConfig
 from ebm_scale.samplers import HmcStats, sample_langevin
-from method_checks import assert_continues_exactly
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 W = torch.tensor([[1.5], [-0.5]], dtype=torch.float64)
@@ -47,8 +48,9 @@ def tilted_joint():
 def test_hmc_in_noise_space_targets_the_tilted_joint_and_adapts_to_the_target_acceptance(tmp_path):
     # The method's own sampler (kind hmc, MALA: L = 1), started far from the adapted step size.
     torch.manual_seed(0)
-    cfg = VaebmConfig(backbone=linear_vae_backbone(tmp_path),
-                      sampler=VaebmSamplerConfig(kind="hmc", step_size=2.0, leapfrog_steps=1))
+    cfg = VaebmConfig(
+        backbone=linear_vae_backbone(tmp_path), sampler=VaebmSamplerConfig(kind="hmc", step_size=2.0, leapfrog_steps=1)
+    )
     method = build_method(cfg, SPEC, "cpu")
     method.vae.double()
     method.networks["energy"] = Quadratic()
@@ -72,8 +74,13 @@ def test_langevin_in_noise_space_targets_the_same_joint_as_in_data_and_latent_sp
     chains, steps = 4000, 1500
 
     # ε-space, one step size for ε_z and ε_x (the method's own sampler), pushed through T.
-    eps = sample_langevin(method.noise_energy, torch.randn(chains, method.space.dim, dtype=torch.float64),
-                          steps=steps, step_size=0.01, noise_scale=1.0)
+    eps = sample_langevin(
+        method.noise_energy,
+        torch.randn(chains, method.space.dim, dtype=torch.float64),
+        steps=steps,
+        step_size=0.01,
+        noise_scale=1.0,
+    )
     eps_z, eps_x = method.space.unpack(eps)
     x, z = method.vae.transform(eps_z, eps_x)
     from_noise_space = torch.cat([z, x.detach()], 1)
@@ -83,8 +90,9 @@ def test_langevin_in_noise_space_targets_the_same_joint_as_in_data_and_latent_sp
         z, x = v[:, :1], v[:, 1:]
         return 0.5 * z.pow(2).sum(1) + 0.5 * (x - z @ W.T - B).pow(2).sum(1) / SIGMA**2 + 0.5 * A * x.pow(2).sum(1)
 
-    direct = sample_langevin(joint_energy, torch.randn(chains, 3, dtype=torch.float64), steps=3000,
-                             step_size=0.005, noise_scale=1.0)
+    direct = sample_langevin(
+        joint_energy, torch.randn(chains, 3, dtype=torch.float64), steps=3000, step_size=0.005, noise_scale=1.0
+    )
     for samples in (from_noise_space, direct):
         assert torch.allclose(samples.mean(0), mean, atol=0.05)
         assert torch.allclose(samples.T.cov(), cov, atol=0.05)
@@ -93,8 +101,12 @@ def test_langevin_in_noise_space_targets_the_same_joint_as_in_data_and_latent_sp
 
 
 def small_config(backbone, **sampler):
-    return VaebmConfig(backbone=backbone, energy=EnergyNetConfig(hidden=16, layers=3),
-                       sampler=VaebmSamplerConfig(step_size=0.05, steps=3, sample_steps=4, **sampler), iw_samples=8)
+    return VaebmConfig(
+        backbone=backbone,
+        energy=EnergyNetConfig(hidden=16, layers=3),
+        sampler=VaebmSamplerConfig(step_size=0.05, steps=3, sample_steps=4, **sampler),
+        iw_samples=8,
+    )
 
 
 def small_vae_backbone(tmp_path) -> str:
@@ -127,7 +139,7 @@ def test_hmc_training_reports_acceptance_and_carries_its_adapted_step(tmp_path):
         steps.append(float(out["mcmc/step_size"]))
         assert float(method.step_size) == steps[-1]  # the next iteration starts from the adapted ε
     # 3 transitions per iteration, each multiplying ε by 1.02 or 1/1.02: it moved, by at most 1.02^9 in all.
-    assert steps[-1] != 0.05 and 1.02 ** -9 - 1e-6 <= steps[-1] / 0.05 <= 1.02 ** 9 + 1e-6
+    assert steps[-1] != 0.05 and 1.02**-9 - 1e-6 <= steps[-1] / 0.05 <= 1.02**9 + 1e-6
     assert method.sample(6).shape == (6, 2)
     assert set(method.long_chains(3, 5)) == {"eps_hmc"}
 
@@ -151,8 +163,9 @@ def test_samples_and_densities(tmp_path):
 
 
 def test_replay_buffer_reuse_probability_ramps_linearly(tmp_path):
-    method = build_method(small_config(small_vae_backbone(tmp_path), buffer=True, buffer_max_prob=0.6,
-                                       buffer_ramp_iters=4), SPEC, "cpu")
+    method = build_method(
+        small_config(small_vae_backbone(tmp_path), buffer=True, buffer_max_prob=0.6, buffer_ramp_iters=4), SPEC, "cpu"
+    )
     seen = []
     for _ in range(6):
         method.train_step(torch.randn(16, 2))

@@ -9,6 +9,7 @@ The sweep process resolves and checks it before any trial starts (wrong kind or 
 into a local cache, so trials share one download per machine. An empty reference makes the sweep pretrain the
 backbone first as its own run in the same MLflow experiment (engine/run.py), then share that with every trial.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,7 +33,7 @@ def backbone_kind(cfg: EbmScaleConfig) -> str | None:
 def resolve_backbone(ref: str, tracking_uri: str) -> str:
     """A local path to the referenced backbone.pt (downloaded once into the cache when remote)."""
     if ref.startswith("runs:/"):
-        key = ref[len("runs:/"):].strip("/")
+        key = ref[len("runs:/") :].strip("/")
         return _cached(key, lambda dst: _download_mlflow(ref, tracking_uri, dst))
     if "://" in ref and not ref.startswith("file://"):
         key = ref.split("://", 1)[1].strip("/")
@@ -79,8 +80,9 @@ def _download_mlflow(ref: str, tracking_uri: str, dst: str) -> None:
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=ref, tracking_uri=tracking_uri, dst_path=dst)
     except Exception as err:  # MlflowException, missing run, missing artifact: say which reference failed
-        raise ConfigError("method.backbone", f"cannot fetch {ref!r} from the MLflow store {tracking_uri}: "
-                          f"{str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            "method.backbone", f"cannot fetch {ref!r} from the MLflow store {tracking_uri}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def _download_pyarrow(ref: str, dst: str) -> None:

@@ -7,6 +7,7 @@ reach Tune through TuneReportCallback (Ray 2.60 / Train V2: `Tuner(trainer)` is 
 wrapping `.fit()` is the supported way). The Train run is named `train-<trial_id>` so a retried trial or a
 restored sweep finds its last checkpoint again.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,11 @@ def how_many_fit(cfg: EbmScaleConfig, cluster: dict[str, float], need: dict[str,
             continue
         if have + 1e-9 < amount:
             key = "scaling.use_gpu" if resource == "GPU" and have == 0 else "scaling.num_workers"
-            raise ConfigError(key, f"one run needs {amount:g} {resource} (driver {cfg.scaling.driver_cpus:g} CPU + "
-                                   f"{cfg.scaling.num_workers} worker(s)), but the Ray cluster has {have:g} {resource}")
+            raise ConfigError(
+                key,
+                f"one run needs {amount:g} {resource} (driver {cfg.scaling.driver_cpus:g} CPU + "
+                f"{cfg.scaling.num_workers} worker(s)), but the Ray cluster has {have:g} {resource}",
+            )
         fits.append(int(have // amount + 1e-9))
     return min(fits) if fits else 1
 
@@ -168,8 +172,9 @@ def run_trial(sampled: dict, base: dict, context: TrialContext) -> None:
     trial_id = tune_ctx.get_trial_id()
     cfg = trial_config(base, sampled)
     params = flatten(to_container(cfg))
-    run_id = tracking.open_trial_run(context.tracking_uri, context.experiment_id, context.parent_run_id,
-                                     trial_id, tune_ctx.get_trial_name(), params)
+    run_id = tracking.open_trial_run(
+        context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id, tune_ctx.get_trial_name(), params
+    )
     if backbone_kind(cfg) is not None:
         tracking.set_tags(context.tracking_uri, run_id, {tracking.BACKBONE_TAG: cfg.method.backbone})
     if cfg.scaling.num_workers == 0:
@@ -203,7 +208,8 @@ def torch_trainer(cfg: EbmScaleConfig, name: str, run_id: str, context: TrialCon
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=os.path.join(context.storage_path, "train_runs") if "://" not in context.storage_path
+            storage_path=os.path.join(context.storage_path, "train_runs")
+            if "://" not in context.storage_path
             else context.storage_path.rstrip("/") + "/train_runs",
             failure_config=FailureConfig(max_failures=sc.max_failures),
             callbacks=callbacks,

@@ -4,6 +4,7 @@ Ray and MLflow are injected through a `Session` (report / restore / tracker) so 
 and the same loop is driven by a Tune trial, a Train worker, a benchmark or a unit test. The hot path is
 `method.train_step(batch)` plus one on-device accumulation; the host synchronises once per log interval.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,14 @@ import torch.distributed as dist
 from ebm_scale.config import EbmScaleConfig, to_container
 from ebm_scale.data import load_dataset
 from ebm_scale.engine.skips import SkippedSteps
-from ebm_scale.engine.state import (evaluation_rng, gather_to_rank0, rng_state, save_state, seed_everything,
-                                    set_rng_state)
+from ebm_scale.engine.state import (
+    evaluation_rng,
+    gather_to_rank0,
+    rng_state,
+    save_state,
+    seed_everything,
+    set_rng_state,
+)
 from ebm_scale.methods import build_method
 from ebm_scale.methods.backbone import save_backbone
 from ebm_scale.metrics.chains import evaluate_chains
@@ -42,6 +49,7 @@ class Session(Protocol):
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...  # called by every rank
     def restore(self) -> dict | None: ...
+
     # Optional: `heartbeat(step, iters_per_s)` at most every `heartbeat_s` seconds between evaluations (a long
     # run shows it is alive); `stop_after(step) -> bool`: end the run at this step (an experiment's budget).
 
@@ -76,8 +84,10 @@ class MetricAccumulator:
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         # Held until the next pop: a tensor still attached to its graph would keep that graph alive.
         if any(v.requires_grad for v in metrics.values()):
-            raise ValueError(f"train_step must return detached tensors; attached: "
-                             f"{sorted(k for k, v in metrics.items() if v.requires_grad)}")
+            raise ValueError(
+                f"train_step must return detached tensors; attached: "
+                f"{sorted(k for k, v in metrics.items() if v.requires_grad)}"
+            )
         self.steps.append(metrics)
 
     def pop(self) -> dict[str, float]:
@@ -177,8 +187,9 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
                     steps.append(step), values.append(last_train[f"train/{key}"])
 
         if is_eval:
-            last_eval = _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, skips, last_train, curves,
-                                                 final)
+            last_eval = _evaluate_and_checkpoint(
+                cfg, session, method, data, step, batch_rng, skips, last_train, curves, final
+            )
             t_log = time.perf_counter()  # evaluation time is not training time
             heartbeat.reset(step)
         if final:
@@ -214,20 +225,32 @@ def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, skips,
             method.train(False)
             with evaluation_rng(cfg.seed, step):
                 eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step, run=cfg)
-                chain_metrics, chain_plots = evaluate_chains(method, cfg.eval.mcmc, tmp + "/plots", step, final,
-                                                             cfg.eval.plots)
+                chain_metrics, chain_plots = evaluate_chains(
+                    method, cfg.eval.mcmc, tmp + "/plots", step, final, cfg.eval.plots
+                )
             method.train(True)
             eval_metrics.update(chain_metrics)
             artifacts += chain_plots
             if cfg.eval.plots and any(steps for steps, _ in curves.values()):
-                artifacts.append(plot_series(curves, f"{tmp}/plots/curves_{step:06d}.png",
-                                             f"{cfg.method.name} on {cfg.data.name}: over training"))
+                artifacts.append(
+                    plot_series(
+                        curves,
+                        f"{tmp}/plots/curves_{step:06d}.png",
+                        f"{cfg.method.name} on {cfg.data.name}: over training",
+                    )
+                )
             metrics.update(eval_metrics)
             metrics.update(last_train)
         # Evaluation drew from its own streams (evaluation_rng), so these are the training streams as the
         # next step finds them: a resumed run continues exactly. Every rank's own state is kept.
-        per_rank = gather_to_rank0({"rng": rng_state(), "batch_rng": batch_rng.get_state(), "extra": method.extra_state(),
-                                    "skips": skips.state_dict()})
+        per_rank = gather_to_rank0(
+            {
+                "rng": rng_state(),
+                "batch_rng": batch_rng.get_state(),
+                "extra": method.extra_state(),
+                "skips": skips.state_dict(),
+            }
+        )
         eval_only = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         checkpoint_dir = None
         if session.rank == 0:
@@ -252,7 +275,13 @@ def _weights_finite(method) -> bool:
 def _end_diverged(cfg, session, step, last_train, last_eval) -> RunSummary:
     """Non-finite loss or energy: the run ends here, reported as diverged; its last good checkpoint stays."""
     worst = math.inf if cfg.search.mode == "min" else -math.inf
-    metrics = {**last_eval, **{k: v for k, v in last_train.items()}, "step": step, "diverged": 1, cfg.search.metric: worst}
+    metrics = {
+        **last_eval,
+        **{k: v for k, v in last_train.items()},
+        "step": step,
+        "diverged": 1,
+        cfg.search.metric: worst,
+    }
     if session.tracker is not None:
         session.tracker.log_metrics({"diverged_at_step": float(step)}, step)
     session.report(metrics, None)

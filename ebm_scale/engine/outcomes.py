@@ -3,6 +3,7 @@ energy) or failed (an exception), decided from its last report — and what MLfl
 
 A sweep's trial and a single `ebm-scale train` run use the same rule, so their MLflow runs read alike.
 """
+
 from __future__ import annotations
 
 OUTCOMES = ("finished", "pruned", "diverged", "failed")

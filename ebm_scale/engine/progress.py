@@ -1,4 +1,5 @@
 """The lines a run or a sweep prints while it goes: a clock since the start, one value format, the heartbeat."""
+
 from __future__ import annotations
 
 import time

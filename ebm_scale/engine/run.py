@@ -6,12 +6,13 @@ Either way the run is recorded in MLflow as a sweep's trial is (every config val
 metrics and pictures, the outcome tag and status, the checkpoint tag, provenance tags), and what the
 cluster must offer (tracking server, resources, backbone) is checked before the run is created.
 """
+
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import threading
 import time
-import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -57,8 +58,10 @@ class LocalSession:
         if checkpoint_dir:
             self._keep(checkpoint_dir, f"{self.run_dir}/checkpoint_{int(metrics['step']):06d}")
         if not metrics.get("diverged"):
-            self.printer(f"{self.clock} eval     step {metrics['step']}/{self.iterations}  "
-                         f"{self.metric}={fmt(metrics.get(self.metric))}")
+            self.printer(
+                f"{self.clock} eval     step {metrics['step']}/{self.iterations}  "
+                f"{self.metric}={fmt(metrics.get(self.metric))}"
+            )
 
     def restore(self) -> dict | None:
         return None
@@ -95,6 +98,7 @@ def remove_dir(target: str) -> None:
 
 # --- two-stage methods: the backbone --------------------------------------------------------------------
 
+
 def check_given_backbone(cfg: EbmScaleConfig) -> None:
     """A given backbone must exist and fit the method and the data (ConfigError on `method.backbone`)."""
     kind = backbone_kind(cfg)
@@ -120,16 +124,21 @@ def prepare_backbone(cfg: EbmScaleConfig, printer: Printer = print) -> EbmScaleC
 def pretrain_backbone(cfg: EbmScaleConfig, printer: Printer = print) -> str:
     """Train `cfg`'s stage-1 backbone as one run of its own (same MLflow experiment); its reference."""
     stage1 = stage1_config(cfg)
-    printer(f"no method.backbone given: training the {stage1.method.name} backbone first "
-            f"({stage1.train.iterations} iterations, its own MLflow run)")
+    printer(
+        f"no method.backbone given: training the {stage1.method.name} backbone first "
+        f"({stage1.train.iterations} iterations, its own MLflow run)"
+    )
     result = run_single(stage1, printer=lambda line: printer("  [backbone] " + line))
     if result.outcome != "finished":
-        raise RuntimeError(f"pretraining the backbone {result.outcome} (MLflow experiment {result.experiment!r}, "
-                           f"run {result.run_id}); see that run for the error")
+        raise RuntimeError(
+            f"pretraining the backbone {result.outcome} (MLflow experiment {result.experiment!r}, "
+            f"run {result.run_id}); see that run for the error"
+        )
     return f"runs:/{result.run_id}/backbone"
 
 
 # --- the run -----------------------------------------------------------------------------------------
+
 
 def preflight(cfg: EbmScaleConfig) -> None:
     """What can fail before anything is recorded: the tracking server, a given backbone."""
@@ -152,8 +161,14 @@ def run_single(cfg: EbmScaleConfig, printer: Printer = print) -> RunResult:
     # in a child process, on another core, while this one builds the data and the model; a thread would
     # share the GIL with the build. The loop's first log waits for it. `spawn`: no fork of a torch process.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        opening = pool.submit(tracking.start_single_run, uri, experiment, f"train-{cfg.name}",
-                              flatten(to_container(cfg)), _run_tags(cfg, run_dir))
+        opening = pool.submit(
+            tracking.start_single_run,
+            uri,
+            experiment,
+            f"train-{cfg.name}",
+            flatten(to_container(cfg)),
+            _run_tags(cfg, run_dir),
+        )
         try:
             if cfg.scaling.num_workers == 0:
                 metrics, checkpoint, error = _in_process(cfg, uri, opening, run_dir, printer)
@@ -275,8 +290,13 @@ class RunWatcher:
 def _torch_trainer(cfg, uri, experiment_id, run_id, run_dir, printer):
     from ebm_scale.engine.launch import TrialContext, torch_trainer
 
-    context = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id="", storage_path=run_dir,
-                           async_logging=cfg.tracking.async_logging)
+    context = TrialContext(
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id="",
+        storage_path=run_dir,
+        async_logging=cfg.tracking.async_logging,
+    )
     try:
         with RunWatcher(uri, run_id, cfg, printer):
             result = torch_trainer(cfg, f"train-{run_id}", run_id, context, []).fit()
@@ -284,4 +304,3 @@ def _torch_trainer(cfg, uri, experiment_id, run_id, run_dir, printer):
         return {}, None, err
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return result.metrics or {}, checkpoint, result.error
-

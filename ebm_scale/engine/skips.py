@@ -1,6 +1,7 @@
 """Skipped optimizer steps are the engine's business: a method with `skip_nonfinite` only declines to take a
 step whose loss is not finite (Method.optimizer_step); the loop counts the skips, keeps a skipped step's
 non-finite values out of the logged averages, and lets a run that keeps skipping end as diverged."""
+
 from __future__ import annotations
 
 import torch

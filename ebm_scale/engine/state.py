@@ -1,4 +1,5 @@
 """What a checkpoint holds, so that a restarted run continues exactly where it stopped."""
+
 from __future__ import annotations
 
 import random

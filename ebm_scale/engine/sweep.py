@@ -5,6 +5,7 @@ Every trial ends with one outcome (outcomes.py), and that one outcome is what ML
 Optuna study and the printed summary all say. What needs the cluster (tracking server, resources, a given
 backbone) is checked before the sweep's MLflow run is created.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,6 +36,7 @@ MODEL_METRIC_PREFIXES = ("train/", "eval/")
 
 # --- the search space ---------------------------------------------------------------------------------
 
+
 def tune_search_space(space: dict) -> dict:
     """YAML search space → Tune domains. `randint: [low, high]` includes high (as people read it)."""
     from ray import tune
@@ -49,7 +51,7 @@ def tune_search_space(space: dict) -> dict:
     }
     out = {}
     for key, spec in space.items():
-        (dist_name, args), = spec.items()
+        ((dist_name, args),) = spec.items()
         out[key] = makers[dist_name](args)
     return out
 
@@ -88,8 +90,9 @@ def _prune_aware_optuna(cfg: EbmScaleConfig):
             self._completed_trials.add(trial_id)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=cfg.search.multivariate,
-                                         n_startup_trials=cfg.search.n_startup_trials)
+    sampler = optuna.samplers.TPESampler(
+        seed=cfg.search.seed, multivariate=cfg.search.multivariate, n_startup_trials=cfg.search.n_startup_trials
+    )
     return PruneAwareOptunaSearch(metric=cfg.search.metric, mode=cfg.search.mode, sampler=sampler)
 
 
@@ -100,11 +103,16 @@ def _make_scheduler(cfg: EbmScaleConfig):
     if s.kind == "fifo":
         return FIFOScheduler()
     # time_attr "step" = training iterations, so grace_period and max_t read in the same unit as train.*
-    return ASHAScheduler(time_attr="step", max_t=s.max_t or cfg.train.iterations,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=s.max_t or cfg.train.iterations,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )
 
 
 # --- Ray and resources --------------------------------------------------------------------------------
+
 
 def max_concurrent_trials(cfg: EbmScaleConfig, cluster: dict[str, float]) -> int:
     """How many trials fit at once; a ConfigError naming the key if even one never fits."""
@@ -116,11 +124,18 @@ def max_concurrent_trials(cfg: EbmScaleConfig, cluster: dict[str, float]) -> int
 
 # --- the Tune callback that decides and records outcomes ---------------------------------------------
 
+
 class TrialOutcomes(Callback):
     """Runs in the sweep process: ends each trial's MLflow run with the outcome it really had."""
 
-    def __init__(self, ctx: TrialContext, metric: str, iterations: int, printer: Printer = print,
-                 progress_every_s: float = HEARTBEAT_S):
+    def __init__(
+        self,
+        ctx: TrialContext,
+        metric: str,
+        iterations: int,
+        printer: Printer = print,
+        progress_every_s: float = HEARTBEAT_S,
+    ):
         self.ctx, self.metric, self.iterations = ctx, metric, iterations
         self.clock = Clock()
         self.started: set[str] = set()
@@ -151,8 +166,10 @@ class TrialOutcomes(Callback):
         step, now = result.get("step", 0), time.time()
         if step < self.iterations and now - self.last_shown.get(trial.trial_id, self.clock.t0) >= self.progress_every_s:
             self.last_shown[trial.trial_id] = now
-            self.printer(f"{self.clock} eval     {trial.trial_id}  step {step}/{self.iterations}  "
-                         f"{self.metric}={fmt(result.get(self.metric))}")
+            self.printer(
+                f"{self.clock} eval     {trial.trial_id}  step {step}/{self.iterations}  "
+                f"{self.metric}={fmt(result.get(self.metric))}"
+            )
 
     def on_step_end(self, iteration, trials, **info):
         """Heartbeats between evaluations: running trials tag their MLflow run (launch._beat); one query here
@@ -162,8 +179,9 @@ class TrialOutcomes(Callback):
             return
         self.last_poll = now
         try:
-            beats = tracking.running_trials_progress(self.ctx.tracking_uri, self.ctx.experiment_id,
-                                                     self.ctx.parent_run_id)
+            beats = tracking.running_trials_progress(
+                self.ctx.tracking_uri, self.ctx.experiment_id, self.ctx.parent_run_id
+            )
         except Exception:  # a busy store: the next poll will do
             return
         for trial_id, beat in beats.items():
@@ -178,7 +196,9 @@ class TrialOutcomes(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "failed")
-        error = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+        error = getattr(trial, "error_file", None) or getattr(
+            getattr(trial, "run_metadata", None), "error_filename", None
+        )
         if error and os.path.exists(error):
             lines = [line for line in open(error).read().strip().splitlines() if line.strip()]
             self.printer("           " + (lines[-1] if lines else "(no message)") + f"  [full traceback: {error}]")
@@ -193,11 +213,14 @@ class TrialOutcomes(Callback):
         run_id = tracking.find_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id, trial.trial_id)
         if run_id:
             tracking.end_run(self.ctx.tracking_uri, run_id, outcome, tags)
-        self.printer(f"{self.clock} {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "
-                     f"{self.metric}={fmt(result.get(self.metric))}")
+        self.printer(
+            f"{self.clock} {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "
+            f"{self.metric}={fmt(result.get(self.metric))}"
+        )
 
 
 # --- the sweep ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class SweepResult:
@@ -212,8 +235,9 @@ class SweepResult:
     summary_figures: list
 
 
-def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = print,
-              extra_callbacks: list | None = None) -> SweepResult:
+def run_sweep(
+    cfg: EbmScaleConfig, resume: bool = False, printer: Printer = print, extra_callbacks: list | None = None
+) -> SweepResult:
     import ray
     from ray import tune
 
@@ -237,25 +261,35 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
         concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
         store_ready.result()
     cfg = _with_backbone(cfg, uri, experiment, sweep_path, printer)
-    experiment_id, parent_run_id = tracking.start_sweep_run(uri, experiment, sweep_path, f"sweep-{cfg.name}",
-                                                           tracking.provenance_tags())
+    experiment_id, parent_run_id = tracking.start_sweep_run(
+        uri, experiment, sweep_path, f"sweep-{cfg.name}", tracking.provenance_tags()
+    )
     if backbone_kind(cfg) is not None:
         tracking.set_tags(uri, parent_run_id, {tracking.BACKBONE_TAG: cfg.method.backbone})
     base = to_container(cfg)
     _log_sweep_inputs(uri, parent_run_id, cfg, base, concurrency)
-    ctx = TrialContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
-                       storage_path=storage, async_logging=cfg.tracking.async_logging)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, context=ctx),
-                                    {"CPU": cfg.scaling.driver_cpus})
+    ctx = TrialContext(
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        storage_path=storage,
+        async_logging=cfg.tracking.async_logging,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, context=ctx), {"CPU": cfg.scaling.driver_cpus}
+    )
     param_space = tune_search_space(cfg.search.space)
     callback = TrialOutcomes(ctx, cfg.search.metric, cfg.train.iterations, printer)
-    printer(f"sweep {cfg.name}: {cfg.search.num_samples} trial(s) of {cfg.method.name} on {cfg.data.name}, "
-            f"{concurrency} at a time, {cfg.train.iterations} iterations each "
-            f"({'in-process' if cfg.scaling.num_workers == 0 else f'{cfg.scaling.num_workers}-worker TorchTrainer'})")
+    printer(
+        f"sweep {cfg.name}: {cfg.search.num_samples} trial(s) of {cfg.method.name} on {cfg.data.name}, "
+        f"{concurrency} at a time, {cfg.train.iterations} iterations each "
+        f"({'in-process' if cfg.scaling.num_workers == 0 else f'{cfg.scaling.num_workers}-worker TorchTrainer'})"
+    )
     if previous and tune.Tuner.can_restore(sweep_path):
         printer(f"resuming from {sweep_path}")
-        tuner = tune.Tuner.restore(sweep_path, trainable=trainable, param_space=param_space,
-                                   resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            sweep_path, trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
+        )
     else:
         if resume:
             printer(f"nothing to resume at {sweep_path}: starting a new sweep")
@@ -263,8 +297,11 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=cfg.search.metric, mode=cfg.search.mode, num_samples=cfg.search.num_samples,
-                search_alg=_make_searcher(cfg), scheduler=_make_scheduler(cfg),
+                metric=cfg.search.metric,
+                mode=cfg.search.mode,
+                num_samples=cfg.search.num_samples,
+                search_alg=_make_searcher(cfg),
+                scheduler=_make_scheduler(cfg),
                 max_concurrent_trials=concurrency,
                 # One trial process serves trial after trial: no new process, no second import of torch,
                 # MLflow and Hydra (seconds a trial on 2 cores). FunctionTrainable.reset_config supports it.
@@ -273,7 +310,10 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
                 trial_dirname_creator=lambda t: f"{cfg.method.name}_{t.trial_id}",
             ),
             run_config=tune.RunConfig(
-                name=run_name, storage_path=sweep_root, callbacks=[callback, *(extra_callbacks or [])], verbose=0,
+                name=run_name,
+                storage_path=sweep_root,
+                callbacks=[callback, *(extra_callbacks or [])],
+                verbose=0,
                 failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
@@ -289,8 +329,17 @@ def run_sweep(cfg: EbmScaleConfig, resume: bool = False, printer: Printer = prin
     counts = _outcome_counts(results, cfg)
     figures = _summarize(uri, parent_run_id, cfg, results, best_config, best_metrics, best_run_id, counts, printer)
     tracking.end_run(uri, parent_run_id, "finished" if counts["finished"] else "failed")
-    return SweepResult(experiment, parent_run_id, uri, best_config, best_metrics, best_run_id, counts,
-                       time.perf_counter() - t0, figures)
+    return SweepResult(
+        experiment,
+        parent_run_id,
+        uri,
+        best_config,
+        best_metrics,
+        best_run_id,
+        counts,
+        time.perf_counter() - t0,
+        figures,
+    )
 
 
 def _describes_the_model(key: str, value) -> bool:
@@ -340,8 +389,13 @@ def _trial_rows(results, cfg: EbmScaleConfig) -> list[dict]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        rows.append({"result": r, "outcome": trial_outcome(m, cfg.train.iterations, r.error is not None),
-                     "value": m.get(cfg.search.metric)})
+        rows.append(
+            {
+                "result": r,
+                "outcome": trial_outcome(m, cfg.train.iterations, r.error is not None),
+                "value": m.get(cfg.search.metric),
+            }
+        )
     return rows
 
 
@@ -355,8 +409,11 @@ def _outcome_counts(results, cfg) -> dict:
 def _best_result(results, cfg: EbmScaleConfig):
     """Best finished trial (a pruned trial's early value is not comparable with a full run's)."""
     sign = 1 if cfg.search.mode == "min" else -1
-    rows = [r for r in _trial_rows(results, cfg)
-            if r["value"] is not None and math.isfinite(r["value"]) and r["outcome"] in ("finished", "pruned")]
+    rows = [
+        r
+        for r in _trial_rows(results, cfg)
+        if r["value"] is not None and math.isfinite(r["value"]) and r["outcome"] in ("finished", "pruned")
+    ]
     finished = [r for r in rows if r["outcome"] == "finished"] or rows
     if not finished:
         return None
@@ -367,11 +424,15 @@ def _summarize(uri, parent_run_id, cfg, results, best_config, best_metrics, best
     """Best trial's params/metrics and the sweep's pictures on the parent run."""
     tracking.log_metrics(uri, parent_run_id, {f"trials/{name}": n for name, n in counts.items()})
     if best_config:
-        tracking.set_tags(uri, parent_run_id, {**{f"best.{k}": str(v) for k, v in best_config.items()},
-                                               "best.run_id": best_run_id or ""})
+        tracking.set_tags(
+            uri,
+            parent_run_id,
+            {**{f"best.{k}": str(v) for k, v in best_config.items()}, "best.run_id": best_run_id or ""},
+        )
     if best_metrics:
-        tracking.log_metrics(uri, parent_run_id, {f"best/{k}": v for k, v in best_metrics.items()
-                                                  if math.isfinite(float(v))})
+        tracking.log_metrics(
+            uri, parent_run_id, {f"best/{k}": v for k, v in best_metrics.items() if math.isfinite(float(v))}
+        )
     figures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         from ebm_scale.engine import summary
@@ -384,7 +445,12 @@ def _summarize(uri, parent_run_id, cfg, results, best_config, best_metrics, best
             if best_png:
                 tracking.log_artifact(uri, parent_run_id, best_png, "summary")
                 figures.append(best_png)
-        tracking.log_text(uri, parent_run_id, json.dumps({"best_config": best_config, "best_metrics": best_metrics,
-                                                          "counts": counts}, indent=2, default=str),
-                          "summary/best.json")
+        tracking.log_text(
+            uri,
+            parent_run_id,
+            json.dumps(
+                {"best_config": best_config, "best_metrics": best_metrics, "counts": counts}, indent=2, default=str
+            ),
+            "summary/best.json",
+        )
     return [Path(f).name for f in figures]

@@ -6,6 +6,7 @@ retried or resumed trial never gets a second run); rank 0 of that trial logs int
 sets its final status. Metric writes are batched per log interval and asynchronous (MLflow's own async
 logging), so a SQLite write (docs/performance.md) never sits on the training step.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -120,16 +121,23 @@ def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
 def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str) -> str:
     import mlflow.artifacts
 
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst,
-                                               tracking_uri=uri)
+    return mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=artifact_path, dst_path=dst, tracking_uri=uri
+    )
 
 
 def running_trials_progress(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
     """Trial id → its last heartbeat (PROGRESS_TAG), for the sweep's running trials: one query."""
-    runs = _client(uri).search_runs([experiment_id], filter_string=(
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"), max_results=1000)
-    return {r.data.tags[TRIAL_TAG]: r.data.tags[PROGRESS_TAG] for r in runs
-            if TRIAL_TAG in r.data.tags and PROGRESS_TAG in r.data.tags}
+    runs = _client(uri).search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"),
+        max_results=1000,
+    )
+    return {
+        r.data.tags[TRIAL_TAG]: r.data.tags[PROGRESS_TAG]
+        for r in runs
+        if TRIAL_TAG in r.data.tags and PROGRESS_TAG in r.data.tags
+    }
 
 
 def _find_run(uri: str, experiment_id: str, tag: str, value: str):
@@ -143,7 +151,7 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     client = _client(uri)
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[i:i + _MAX_PARAMS_PER_BATCH])
+        client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
 
 
 def find_sweep_run(uri: str, experiment: str, sweep_path: str) -> str | None:
@@ -160,35 +168,40 @@ def start_sweep_run(uri: str, experiment: str, sweep_path: str, run_name: str, t
     if existing is not None:
         _client(uri).update_run(existing.info.run_id, status="RUNNING")
         return experiment_id, existing.info.run_id
-    run = _client(uri).create_run(experiment_id, run_name=run_name,
-                                  tags={SWEEP_TAG: sweep_path, KIND_TAG: "sweep", **tags})
+    run = _client(uri).create_run(
+        experiment_id, run_name=run_name, tags={SWEEP_TAG: sweep_path, KIND_TAG: "sweep", **tags}
+    )
     return experiment_id, run.info.run_id
 
 
-def open_single_run(uri: str, experiment_id: str, run_name: str, params: dict[str, Any],
-                    tags: dict[str, str]) -> str:
+def open_single_run(uri: str, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """An `ebm-scale train` run: like a trial's, without a parent."""
     run_id = create_run(uri, experiment_id, run_name, {KIND_TAG: "run", OUTCOME_TAG: "running", **tags})
     log_params(uri, run_id, params)
     return run_id
 
 
-def start_single_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
-                     tags: dict[str, str]) -> tuple[str, str]:
+def start_single_run(
+    uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+) -> tuple[str, str]:
     """The experiment (created if new) and a new `ebm-scale train` run in it: (experiment id, run id)."""
     experiment_id = ensure_experiment(uri, experiment)
     return experiment_id, open_single_run(uri, experiment_id, run_name, params, tags)
 
 
-def open_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
-                   params: dict[str, Any]) -> str:
+def open_trial_run(
+    uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str, params: dict[str, Any]
+) -> str:
     """Create the trial's nested run, or find it again when the trial is retried or the sweep resumed."""
     existing = _find_run(uri, experiment_id, TRIAL_TAG, trial_id)
     if existing is not None:
         _client(uri).update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
-    run = _client(uri).create_run(experiment_id, run_name=trial_name, tags={
-        "mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, KIND_TAG: "trial", OUTCOME_TAG: "running"})
+    run = _client(uri).create_run(
+        experiment_id,
+        run_name=trial_name,
+        tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, KIND_TAG: "trial", OUTCOME_TAG: "running"},
+    )
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
