@@ -78,14 +78,18 @@ def _compose(name, overrides, single_run: bool = False):
     return compose(name, overrides, single_run=single_run)
 
 
-def _mlflow_ui_command(uri: str) -> str:
+def _how_to_look(uri: str, run_id: str, runs_table: bool) -> str:
+    """For a local store, the command that serves it; then the page to open."""
     from pathlib import Path
 
+    from ebm_scale.engine.tracking import ui_page
+
+    page = ui_page(uri, run_id, runs_table)
     if uri == "sqlite:///" + str(Path.cwd().resolve() / DEFAULT_DB):
         uri = f"sqlite:///{DEFAULT_DB}"
     if uri.startswith("sqlite:") or uri.startswith("file:"):
-        return f"uv run mlflow ui --backend-store-uri {uri}"
-    return f"open {uri} in a browser"
+        return f"open it with:  uv run mlflow ui --backend-store-uri {uri}\n          then:  {page}"
+    return f"open it at:  {page}"
 
 
 def density_note(metrics: dict) -> str | None:
@@ -143,7 +147,7 @@ def _print_result(result, cfg) -> None:
     )
     if result.summary_figures:
         print(f"  summary pictures on the sweep run: {', '.join(result.summary_figures)}")
-    print(f"open it with:  {_mlflow_ui_command(result.tracking_uri)}")
+    print(_how_to_look(result.tracking_uri, result.parent_run_id, runs_table=True))
 
 
 def _print_run(result, cfg) -> None:
@@ -157,7 +161,7 @@ def _print_run(result, cfg) -> None:
         f"MLflow experiment '{result.experiment}', run {result.run_id}"
         + (f"; checkpoint {result.checkpoint}" if result.checkpoint else "")
     )
-    print(f"open it with:  {_mlflow_ui_command(result.tracking_uri)}")
+    print(_how_to_look(result.tracking_uri, result.run_id, runs_table=False))
 
 
 def _train(cfg) -> int:

@@ -68,7 +68,8 @@ def test_two_trial_sweep_is_recorded_in_mlflow(tmp_path):
     assert any(k.startswith("best/eval/sinkhorn") for k in parent.data.metrics)
     # Only what describes the model and the run: no Tune bookkeeping (pid, timestamps, iterations, hosts).
     best = [k for k in parent.data.metrics if k.startswith("best/")]
-    assert best and all(k == "best/step" or k.startswith(("best/train/", "best/eval/")) for k in best), best
+    assert best and all(k.startswith(("best/train/", "best/eval/")) for k in best), best
+    assert parent.data.tags["best.step"] == "20"
     assert client.get_experiment_by_name(result.experiment).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
 
     children = _children(client, result)

@@ -72,3 +72,15 @@ def test_a_torch_trainer_runs_evaluations_and_heartbeats_are_printed_from_its_ml
     watcher._poll()
     watcher._poll()  # nothing new: nothing printed twice
     assert len(lines) == 2 and "running  step 160/300  42.5 it/s" in lines[1]
+
+
+def test_the_printed_page_opens_the_model_training_view(tmp_path):
+    """MLflow 3.17's UI opens experiments in its GenAI view whatever their tags; the address must ask for the
+    Model training view (workflowType), on the runs table or the run itself."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment_id = tracking.ensure_experiment(uri, "pages")
+    run_id = tracking.create_run(uri, experiment_id)
+    table = tracking.ui_page(uri, run_id, runs_table=True)
+    assert table == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    run = tracking.ui_page(uri, run_id, runs_table=False)
+    assert run == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"

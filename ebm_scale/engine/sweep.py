@@ -430,8 +430,13 @@ def _summarize(uri, parent_run_id, cfg, results, best_config, best_metrics, best
             {**{f"best.{k}": str(v) for k, v in best_config.items()}, "best.run_id": best_run_id or ""},
         )
     if best_metrics:
+        # The step the best trial reached is a tag beside its params: as a metric it was a one-point chart
+        # ahead of the model's own.
+        tracking.set_tags(uri, parent_run_id, {"best.step": str(best_metrics.get("step", ""))})
         tracking.log_metrics(
-            uri, parent_run_id, {f"best/{k}": v for k, v in best_metrics.items() if math.isfinite(float(v))}
+            uri,
+            parent_run_id,
+            {f"best/{k}": v for k, v in best_metrics.items() if k != "step" and math.isfinite(float(v))},
         )
     figures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

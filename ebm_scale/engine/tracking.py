@@ -25,9 +25,10 @@ KIND_TAG = "ebm_scale.run_kind"
 BACKBONE_TAG = "ebm_scale.backbone"  # the backbone reference a two-stage sweep and its trials stand on
 CHECKPOINT_TAG = "ebm_scale.checkpoint"  # where the run's last checkpoint lies
 PROGRESS_TAG = "ebm_scale.progress"  # "<step> <iterations/s>", refreshed by a running trial's heartbeat
-# MLflow 3's UI opens an experiment in its GenAI view (traces, token usage) unless it says it is for
-# training models (the values are the UI's ExperimentKind enum).
+# MLflow 3's UI reads this tag (its ExperimentKind enum) to tell training experiments from GenAI ones. 3.17's UI
+# ignores it behind its GenAI / Model training switch: there only the address (`ui_page`) opens the runs table.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 
@@ -262,3 +263,13 @@ def provenance_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return tags
+
+
+def ui_page(uri: str, run_id: str, runs_table: bool) -> str:
+    """The MLflow UI page of a run (or, `runs_table`, of its experiment's runs table) in the UI's Model training
+    view: 3.17 opens every experiment in its GenAI view (traces, token usage) unless the address says
+    `workflowType=machine_learning`."""
+    experiment_id = _client(uri).get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_DEFAULT
+    page = f"{base}/#/experiments/{experiment_id}/runs" + ("" if runs_table else f"/{run_id}")
+    return page + "?workflowType=machine_learning"
