@@ -4,6 +4,7 @@ curves of every trial coloured by outcome, and the best trial's samples.
 The Optuna study is rebuilt from Tune's results (finished trials COMPLETE, ASHA-stopped ones PRUNED with
 their intermediate values) so the same figures come out for a fresh and a resumed sweep.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ebm_scale.engine import tracking  # noqa: E402
+
 OUTCOME_COLORS = {"finished": "tab:blue", "pruned": "tab:gray", "diverged": "tab:red", "failed": "black"}
 
 
 def _distribution(spec: dict):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    (name, args), = spec.items()
+    ((name, args),) = spec.items()
     if name == "uniform":
         return FloatDistribution(args[0], args[1])
     if name == "loguniform":
@@ -51,15 +54,27 @@ def study_from_results(cfg, results):
         history = r.metrics_dataframe
         intermediate = {}
         if history is not None and cfg.search.metric in history:
-            intermediate = {int(s): float(v) for s, v in zip(history["step"], history[cfg.search.metric], strict=True)
-                            if v is not None and math.isfinite(v)}
+            intermediate = {
+                int(s): float(v)
+                for s, v in zip(history["step"], history[cfg.search.metric], strict=True)
+                if v is not None and math.isfinite(v)
+            }
         finite = value is not None and math.isfinite(value)
-        state = TrialState.COMPLETE if outcome == "finished" and finite else (
-            TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL)
-        study.add_trial(create_trial(
-            params={k: cfg_values[k] for k in distributions}, distributions=distributions,
-            value=value if state == TrialState.COMPLETE else None, state=state,
-            intermediate_values=intermediate, user_attrs={"outcome": outcome}))
+        state = (
+            TrialState.COMPLETE
+            if outcome == "finished" and finite
+            else (TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL)
+        )
+        study.add_trial(
+            create_trial(
+                params={k: cfg_values[k] for k in distributions},
+                distributions=distributions,
+                value=value if state == TrialState.COMPLETE else None,
+                state=state,
+                intermediate_values=intermediate,
+                user_attrs={"outcome": outcome},
+            )
+        )
     return study
 
 
@@ -73,8 +88,16 @@ def learning_curves(cfg, results, path: Path) -> Path:
         if history is None or cfg.search.metric not in history:
             continue
         outcome = trial_outcome(r.metrics or {}, cfg.train.iterations, r.error is not None)
-        ax.plot(history["step"], history[cfg.search.metric], marker="o", ms=3, lw=1.2,
-                color=OUTCOME_COLORS[outcome], label=outcome if outcome not in seen else None, alpha=0.85)
+        ax.plot(
+            history["step"],
+            history[cfg.search.metric],
+            marker="o",
+            ms=3,
+            lw=1.2,
+            color=OUTCOME_COLORS[outcome],
+            label=outcome if outcome not in seen else None,
+            alpha=0.85,
+        )
         seen.add(outcome)
     ax.set_xlabel("training iteration")
     ax.set_ylabel(cfg.search.metric)
@@ -107,10 +130,16 @@ def parallel_coordinate(cfg, study, path: Path) -> Path | None:
 
     from ebm_scale.plots import ParallelAxis, plot_parallel_coordinates
 
-    finished = [(t, t.value, "finished") for t in study.trials
-                if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
-    stopped = [(t, t.intermediate_values[max(t.intermediate_values)], "stopped early (last value)")
-               for t in study.trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    finished = [
+        (t, t.value, "finished")
+        for t in study.trials
+        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+    ]
+    stopped = [
+        (t, t.intermediate_values[max(t.intermediate_values)], "stopped early (last value)")
+        for t in study.trials
+        if t.state == TrialState.PRUNED and t.intermediate_values
+    ]
     rows = finished + stopped  # finished first: the first group is drawn solid
     if not rows:
         return None
@@ -122,11 +151,20 @@ def parallel_coordinate(cfg, study, path: Path) -> Path | None:
         else:
             axes.append(ParallelAxis(name, column, dist.low, dist.high, dist.log))
     counts = {g: sum(r[2] == g for r in rows) for g in ("finished", "stopped early (last value)")}
-    title = (f"{cfg.name}: {len(rows)} trials, {counts['finished']} finished, "
-             f"{counts['stopped early (last value)']} stopped by ASHA")
-    return plot_parallel_coordinates(axes, [v for _, v, _ in rows], [g for _, _, g in rows], path,
-                                     cfg.search.metric, lower_is_better=cfg.search.mode == "min",
-                                     log_values=cfg.search.metric.endswith("sinkhorn"), title=title)
+    title = (
+        f"{cfg.name}: {len(rows)} trials, {counts['finished']} finished, "
+        f"{counts['stopped early (last value)']} stopped by ASHA"
+    )
+    return plot_parallel_coordinates(
+        axes,
+        [v for _, v, _ in rows],
+        [g for _, _, g in rows],
+        path,
+        cfg.search.metric,
+        lower_is_better=cfg.search.mode == "min",
+        log_values=cfg.search.metric.endswith("sinkhorn"),
+        title=title,
+    )
 
 
 def sweep_figures(cfg, results, out_dir: str, printer=print) -> list[str]:
@@ -145,8 +183,10 @@ def sweep_figures(cfg, results, out_dir: str, printer=print) -> list[str]:
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     needed = importance_min_trials(len(cfg.search.space))
     if len(complete) < needed:
-        printer(f"  (skipping param_importances.png: {len(complete)} trials ran to the end, and importance over "
-                f"{len(cfg.search.space)} parameters needs at least {needed})")
+        printer(
+            f"  (skipping param_importances.png: {len(complete)} trials ran to the end, and importance over "
+            f"{len(cfg.search.space)} parameters needs at least {needed})"
+        )
         return paths
     try:
         # Optuna marks its matplotlib backend "experimental" on every call, and switches the whole process to
@@ -155,8 +195,9 @@ def sweep_figures(cfg, results, out_dir: str, printer=print) -> list[str]:
             warnings.simplefilter("ignore", ExperimentalWarning)
             ax = ovm.plot_param_importances(study)
             fig = ax.figure
-            ax.set_title(f"{cfg.name}: importance for {cfg.search.metric}\nfrom {len(complete)} finished trials",
-                         loc="left")  # where Optuna puts its own title, which this replaces
+            ax.set_title(
+                f"{cfg.name}: importance for {cfg.search.metric}\nfrom {len(complete)} finished trials", loc="left"
+            )  # where Optuna puts its own title, which this replaces
             if ax.get_legend() is not None:  # one objective: its name is in the title
                 ax.get_legend().remove()
             fig.set_size_inches(8, 4.5)
@@ -171,15 +212,10 @@ def sweep_figures(cfg, results, out_dir: str, printer=print) -> list[str]:
 
 def copy_best_samples(uri: str, run_id: str, out_dir: str) -> str | None:
     """Download the best trial's last samples picture, to show it on the sweep's parent run."""
-    import mlflow.artifacts
-    from mlflow.tracking import MlflowClient
-
-    files = [f.path for f in MlflowClient(uri).list_artifacts(run_id, "plots")
-             if Path(f.path).name.startswith("samples_")]
+    files = [f for f in tracking.list_artifacts(uri, run_id, "plots") if Path(f).name.startswith("samples_")]
     if not files:
         return None
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sorted(files)[-1], dst_path=out_dir,
-                                                tracking_uri=uri)
+    local = tracking.download_artifact(uri, run_id, sorted(files)[-1], out_dir)
     target = Path(out_dir) / "best_trial_samples.png"
     Path(local).rename(target)
     return str(target)

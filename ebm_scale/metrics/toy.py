@@ -1,5 +1,6 @@
 """Evaluation of a method on a 2D toy dataset: Sinkhorn distance of its samples, quadrature test
 log-likelihood of each density it defines, and pictures of both."""
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,9 @@ def evaluate_toy(
     if getattr(method, "nfe", None) is not None:
         metrics["eval/nfe"] = float(method.nfe)
 
-    reports, grids = quadrature_log_likelihoods(method.log_density, data.test, data.spec.bounds, cfg.grid_size,
-                                                modes=data.modes, device=device)
+    reports, grids = quadrature_log_likelihoods(
+        method.log_density, data.test, data.spec.bounds, cfg.grid_size, modes=data.modes, device=device
+    )
     for name, report in reports.items():
         metrics.update({pattern.format(name): report[key] for key, pattern in _DENSITY_METRICS.items()})
     truth_grid = None
@@ -94,13 +96,15 @@ def _truth_grid(data: ToyData, cfg: EvalConfig) -> DensityGrid:
     return log_density_grid(lambda x: data.log_prob(x.double()), data.spec.bounds, cfg.grid_size, no_grad=True)
 
 
-def _mode_gaps(reports: dict[str, dict[str, float]], truth_grid: DensityGrid, truth_test: Tensor,
-               data: ToyData) -> dict[str, float]:
+def _mode_gaps(
+    reports: dict[str, dict[str, float]], truth_grid: DensityGrid, truth_test: Tensor, data: ToyData
+) -> dict[str, float]:
     """How far each density's test log-likelihood falls short of the truth's, in two parts that sum to the
     whole shortfall (split_by_mode): across modes (misweighted modes) and within them (misshapen ones). The
     truth is split on the same grid, so the quadrature's own error cancels out of both parts."""
-    truth_weights, truth_within = split_by_mode(truth_grid, log_normalizer(truth_grid)[0], truth_test, data.test,
-                                                data.modes)
+    truth_weights, truth_within = split_by_mode(
+        truth_grid, log_normalizer(truth_grid)[0], truth_test, data.test, data.modes
+    )
     gaps = {}
     for name, report in reports.items():
         gaps[f"eval/ll_gap/mode_weights/{name}"] = truth_weights - report["mode_weights_ll"]
@@ -116,7 +120,7 @@ def _sample_metrics(samples: Tensor, test: Tensor, cfg: EvalConfig) -> dict[str,
     half = min(n, len(test) // 2)
     return {
         "eval/sinkhorn": _sinkhorn(samples, test[:n].to(samples.device), cfg),
-        "eval/sinkhorn_data_floor": _data_floor(test[:half], test[half:2 * half], cfg) if half else float("nan"),
+        "eval/sinkhorn_data_floor": _data_floor(test[:half], test[half : 2 * half], cfg) if half else float("nan"),
         "eval/nonfinite_samples": 1.0 - float(torch.isfinite(samples).all(dim=1).float().mean()),
     }
 
@@ -180,12 +184,19 @@ def _write_plots(
 
     title = run_title(run, title)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [plot_samples(samples, data.test, out_dir / f"samples_{step:06d}.png", title=title,
-                          bounds=data.spec.bounds)]
+    paths = [
+        plot_samples(samples, data.test, out_dir / f"samples_{step:06d}.png", title=title, bounds=data.spec.bounds)
+    ]
     if grids:
         normalized = {name: (g.xs, g.ys, g.values - log_normalizer(g)[0]) for name, g in grids.items()}
-        paths.append(plot_densities(normalized, out_dir / f"density_{step:06d}.png", title=title,
-                                    reference=TRUE_DENSITY if TRUE_DENSITY in grids else None))
+        paths.append(
+            plot_densities(
+                normalized,
+                out_dir / f"density_{step:06d}.png",
+                title=title,
+                reference=TRUE_DENSITY if TRUE_DENSITY in grids else None,
+            )
+        )
     return paths
 
 
@@ -198,8 +209,10 @@ def run_title(run, title: str, width: int = 44) -> str:
 
     keys = list(getattr(getattr(run, "search", None), "space", None) or {})
     values = [_config_value(run, key) for key in keys]
-    searched = [f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
-                for name, value in zip(short_names(keys), values, strict=True)]
+    searched = [
+        f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in zip(short_names(keys), values, strict=True)
+    ]
     return "\n".join([f"{run.name}: {title}", *textwrap.wrap(", ".join(searched), width, break_on_hyphens=False)])
 
 
