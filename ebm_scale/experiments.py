@@ -8,6 +8,7 @@ train` and of every sweep trial: a figure made here is what those commands repro
 
 from __future__ import annotations
 
+import argparse
 import copy
 import shutil
 import time
@@ -117,3 +118,15 @@ def train_in_process(
 def load_state_file(path: str | Path) -> dict:
     # weights_only=False: the state holds numpy RNG tuples and config dicts, written by the loop itself.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def curve_arguments(description: str | None, every: int) -> argparse.ArgumentParser:
+    """The arguments every learning-curve driver takes: iterations, a sweep (its settings, search dropped),
+    overrides, how often to evaluate and where the pictures go."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("iterations", type=int)
+    ap.add_argument("sweep")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--every", type=int, default=every, help="evaluate every this many iterations")
+    ap.add_argument("--out", default=None, help="folder for the pictures (default: a temporary one)")
+    return ap

@@ -16,24 +16,18 @@ same overrides the continued run is the uninterrupted one, bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 from ebm_scale.config import compose
-from ebm_scale.experiments import load_state_file, train_in_process
+from ebm_scale.experiments import curve_arguments, load_state_file, train_in_process
 
 SHOWN = ("eval/test_ll", "eval/sinkhorn", "eval/ll_gap", "eval/resolution_gap", "eval/samples/")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("iterations", type=int)
-    ap.add_argument("sweep")
-    ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--every", type=int, default=1000)
-    ap.add_argument("--out", default=None)
+    ap = curve_arguments(__doc__, every=1000)
     ap.add_argument("--seed", type=int, default=0, help="the config's seed: data draw, network init, batches")
     ap.add_argument("--save-states", action="store_true", help="write the training state at every evaluation")
     ap.add_argument("--resume", default=None, metavar="STATE_PT", help="train on from a --save-states file")

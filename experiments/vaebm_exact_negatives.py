@@ -14,7 +14,6 @@ Possible only where the VAE's own samples cover the target, i.e. on 2D toy data;
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
@@ -22,18 +21,14 @@ import torch
 
 from ebm_scale.config import compose
 from ebm_scale.data import load_dataset
+from ebm_scale.experiments import curve_arguments
 from ebm_scale.methods import build_method
 from ebm_scale.metrics.toy import evaluate_toy
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("iterations", type=int)
-    ap.add_argument("sweep")
-    ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--every", type=int, default=500)
+    ap = curve_arguments(__doc__, every=500)
     ap.add_argument("--pool", type=int, default=8192, help="VAE samples per iteration to resample from")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import ray
+import tiny
 from mlflow.tracking import MlflowClient
 
 from ebm_scale.cli import main
@@ -13,16 +14,7 @@ from ebm_scale.config import compose
 from ebm_scale.engine.sweep import run_sweep
 from ebm_scale.engine.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KIND_TAG, OUTCOME_TAG
 
-TINY = [  # small enough that a trial trains in a second or two
-    "method.energy.hidden=32",
-    "method.energy.layers=3",
-    "method.sampler.steps=5",
-    "method.sampler.kind=euler",
-    "train.batch_size=64",
-    "train.log_every=5",
-    "eval.n_samples=200",
-    "eval.grid_size=40",
-]
+TINY = tiny.MLE  # small enough that a trial trains in a second or two
 
 
 @pytest.fixture(scope="module", autouse=True)

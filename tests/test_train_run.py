@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 from mlflow.tracking import MlflowClient
 
 from ebm_scale.cli import main
@@ -20,14 +21,7 @@ from ebm_scale.engine.tracking import CHECKPOINT_TAG, EXPERIMENT_KIND, EXPERIMEN
 TINY = [
     "method=mle",
     "data=8gaussians",
-    "method.energy.hidden=32",
-    "method.energy.layers=3",
-    "method.sampler.steps=5",
-    "method.sampler.kind=euler",
-    "train.batch_size=64",
-    "train.log_every=5",
-    "eval.n_samples=200",
-    "eval.grid_size=40",
+    *tiny.MLE,
     "train.iterations=20",
     "train.eval_every=10",
 ]

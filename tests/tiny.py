@@ -1,0 +1,12 @@
+"""Overrides that shrink an `mle` run on a 2D toy to a second or two (shared by the end-to-end tests)."""
+
+MLE = [
+    "method.energy.hidden=32",
+    "method.energy.layers=3",
+    "method.sampler.steps=5",
+    "method.sampler.kind=euler",
+    "train.batch_size=64",
+    "train.log_every=5",
+    "eval.n_samples=200",
+    "eval.grid_size=40",
+]
