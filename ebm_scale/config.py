@@ -87,7 +87,8 @@ class ScalingConfig(Config):
 
 SCHEDULERS = ("asha", "fifo")
 SEARCH_ALGOS = ("optuna", "random")
-DISTRIBUTIONS = ("uniform", "loguniform", "randint", "qrandint", "choice", "grid")
+# distribution → the numbers it takes ([low, high] or [low, high, q]); None: a list of values
+DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "randint": 2, "qrandint": 3, "choice": None, "grid": None}
 FLOAT_DISTRIBUTIONS = ("uniform", "loguniform")
 
 
@@ -125,35 +126,26 @@ class SearchConfig(Config):
             f"must be a mapping of dotted config keys to distributions, like "
             f"{{method.sampler.step_size: {{loguniform: [1e-3, 1.0]}}}}, got {type(self.space).__name__}",
         )
-        for key, spec in self.space.items() if isinstance(self.space, dict) else ():
+        for key, spec in self.space.items():  # a space that is no mapping stopped at the rule above
             where = f"space.{key}"
+            one = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS
+            yield Rule(
+                where, one, "must be one distribution and its arguments, like {loguniform: [1e-3, 1.0]}", DISTRIBUTIONS
+            )
+            ((name, args),) = spec.items()
+            arity = DISTRIBUTIONS[name]
+            form = "a list of values" if arity is None else "[low, high]" if arity == 2 else "[low, high, q]"
+            fits = isinstance(args, list) and len(args) >= 1
+            if arity is not None:
+                fits = fits and len(args) == arity and _numbers(args) and args[0] < args[1]
+            yield Rule(where, fits, f"{name} needs {form}" + (" with low < high" if arity else "") + f", got {args}")
+            yield Rule(where, name != "loguniform" or args[0] > 0, f"loguniform needs low > 0, got {args[0]}")
+            yield Rule(where, name != "qrandint" or args[2] >= 1, f"qrandint needs a step q >= 1, got {args[-1]}")
             yield Rule(
                 where,
-                isinstance(spec, dict) and len(spec) == 1,
-                "must be a one-entry mapping like {loguniform: [1e-3, 1.0]}",
-                DISTRIBUTIONS,
+                name != "grid" or self.algo == "random",
+                "grid runs every value (× num_samples) and needs search.algo=random",
             )
-            ((dist_name, args),) = spec.items()
-            yield Rule(where, dist_name in DISTRIBUTIONS, f"unknown distribution {dist_name!r}", DISTRIBUTIONS)
-            yield Rule(where, isinstance(args, list) and len(args) >= 1, "needs a list of arguments")
-            if dist_name in ("uniform", "loguniform", "randint"):
-                yield Rule(
-                    where,
-                    len(args) == 2 and _numbers(args) and args[0] < args[1],
-                    f"needs [low, high] with low < high, got {args}",
-                )
-            if dist_name == "loguniform":
-                yield Rule(where, args[0] > 0, f"loguniform needs low > 0, got {args[0]}")
-            if dist_name == "grid":
-                yield Rule(
-                    where, self.algo == "random", "grid runs every value (× num_samples) and needs search.algo=random"
-                )
-            if dist_name == "qrandint":
-                yield Rule(
-                    where,
-                    len(args) == 3 and _numbers(args) and args[0] < args[1] and args[2] >= 1,
-                    "needs [low, high, q]",
-                )
 
 
 def _numbers(args: list) -> bool:
