@@ -228,6 +228,7 @@ def test_two_stage_sweep_trains_the_backbone_once_and_every_trial_refers_to_it(t
     assert sum("training the flow backbone first" in line for line in lines) == 1
 
 
+@pytest.mark.slow  # ~35 s: the shipped toy sweeps end to end (their methods are unit-tested in the default run)
 def test_vaebm_toy_as_shipped_pretrains_its_vae_and_trains_with_hmc(tmp_path, monkeypatch):
     """`ebm-scale train vaebm_toy`, shrunk: the VAE is trained first, then the trial runs ε-space HMC and
     logs its acceptance, step size and their curves beside the tilted model's and the VAE's test LL."""
@@ -359,6 +360,7 @@ def test_cli_names_use_gpu_when_the_cluster_has_no_gpu(capsys, tmp_path, monkeyp
         ),
     ],
 )
+@pytest.mark.slow  # ~20 s each, as above
 def test_diffusion_toy_sweeps_run_end_to_end(tmp_path, sweep, tiny):
     """The issue-4 toy sweeps as shipped (their search spaces included), shrunk to seconds: trials in MLflow
     with the sampler's NFE and wall-clock per sample."""
