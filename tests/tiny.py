@@ -10,3 +10,13 @@ MLE = [
     "eval.n_samples=200",
     "eval.grid_size=40",
 ]
+
+# Ten iterations, one evaluation, small evaluation sets: a toy sweep's trial in seconds.
+SHORT_RUN = [
+    "train.iterations=10",
+    "train.eval_every=10",
+    "train.log_every=5",
+    "train.batch_size=32",
+    "eval.n_samples=100",
+    "eval.grid_size=30",
+]
