@@ -338,7 +338,7 @@ def test_cli_names_use_gpu_when_the_cluster_has_no_gpu(capsys, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize(
-    "sweep,tiny",
+    "sweep,shrink",
     [
         (
             "ddaebm_toy",
@@ -356,13 +356,13 @@ def test_cli_names_use_gpu_when_the_cluster_has_no_gpu(capsys, tmp_path, monkeyp
     ],
 )
 @pytest.mark.slow  # ~20 s each, as above
-def test_diffusion_toy_sweeps_run_end_to_end(tmp_path, sweep, tiny):
+def test_diffusion_toy_sweeps_run_end_to_end(tmp_path, sweep, shrink):
     """The issue-4 toy sweeps as shipped (their search spaces included), shrunk to seconds: trials in MLflow
     with the sampler's NFE and wall-clock per sample."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = compose(
         sweep,
-        tiny
+        shrink
         + [
             f"name={sweep}_e2e",
             f"tracking.uri={uri}",
