@@ -28,6 +28,24 @@ def _output_shapes(net: nn.Module, x: torch.Tensor, kinds: tuple[type, ...]) -> 
 
 
 @pytest.mark.parametrize(
+    "side, nf, growth, layout",
+    [
+        # Paper 000 Table 2, one column each: Swish after every conv, then flatten + FC to a scalar.
+        (32, 32, "constant", [(32, 32, 32), (64, 16, 16), (64, 8, 8), (64, 4, 4)]),  # MNIST, Fashion-MNIST
+        (32, 64, "doubling", [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]),  # CIFAR-10
+        (64, 32, "doubling", [(32, 64, 64), (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]),  # CelebA
+    ],
+)
+def test_mle_conv_matches_paper_000_table2(side, nf, growth, layout):
+    net = build_conv_energy((3, side, side), ConvEnergyConfig("mle_conv", channels=nf, growth=growth))
+    assert _output_shapes(net, torch.randn(2, 3, side, side), (nn.SiLU,)) == layout
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [(m.kernel_size[0], m.stride[0]) for m in convs] == [(3, 1)] + [(4, 2)] * (len(layout) - 1)
+    heads = [m for m in net.modules() if isinstance(m, ScalarHead)]
+    assert len(heads) == 1 and heads[0].in_features == layout[-1][0] * 16
+
+
+@pytest.mark.parametrize(
     "side, layout",
     [
         # Paper 002 Table 4 (32×32×3) and Table 5 (64×64×3) with n_f = 32: each conv + LipSwish, then conv(1).
@@ -185,7 +203,8 @@ def test_unsupported_shapes_are_rejected_readably(arch, shape):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("arch", "unet", "unknown conv energy 'unet' (allowed: nt_ebm, vaebm_resnet)"),
+        ("arch", "unet", "unknown conv energy 'unet' (allowed: mle_conv, nt_ebm, vaebm_resnet)"),
+        ("growth", "tripling", "unknown width growth 'tripling' (allowed: doubling, constant)"),
         ("channels", 0, "must be >= 1, got 0"),
         ("blocks_per_stage", -1, "must be >= 0, got -1"),
     ],

@@ -6,7 +6,7 @@ import torch
 from ebm_scale.errors import ConfigError
 from ebm_scale.methods import METHODS, DataSpec, OptimConfig, build_method
 from ebm_scale.methods.mle import Mle, MleConfig, MleLossConfig, MleSamplerConfig
-from ebm_scale.nets import MLPConfig
+from ebm_scale.nets import EnergyNetConfig
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 METRIC_KEYS = {
@@ -23,7 +23,7 @@ METRIC_KEYS = {
 
 def small_config(kind="euler", steps=10, generator_weight=0.0, init="noise", **sampler):
     return MleConfig(
-        energy=MLPConfig(hidden=32, layers=3),
+        energy=EnergyNetConfig(hidden=32, layers=3),
         sampler=MleSamplerConfig(kind=kind, steps=steps, init=init, **sampler),
         loss=MleLossConfig(generator_weight=generator_weight),
     )
@@ -183,7 +183,7 @@ def test_state_dict_round_trip_reproduces_next_step(init):
 def test_short_training_moves_samples_onto_the_modes():
     torch.manual_seed(0)
     cfg = MleConfig(
-        energy=MLPConfig(hidden=64, layers=3),
+        energy=EnergyNetConfig(hidden=64, layers=3),
         sampler=MleSamplerConfig(kind="euler", steps=20, step_size=0.1),
         optim=OptimConfig(lr=2e-3),
     )

@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from ebm_scale.methods.base import DataSpec, Method, OptimConfig
 from ebm_scale.methods.registry import register_method
-from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
+from ebm_scale.nets.energy import EnergyNetConfig, build_energy
 from ebm_scale.samplers import (
     CHAIN_INITS,
     ODE_SOLVERS,
@@ -72,7 +72,8 @@ class MleConfig(Config):
     PREFIX = "method"
 
     name: str = knob("mle", choices=("mle",), noun="method")
-    energy: MLPConfig = field(default_factory=MLPConfig)
+    # mlp (paper 000's 2D net: 5 Linear layers, 256 wide, Swish) | mle_conv (its Table 2, for images) | ...
+    energy: EnergyNetConfig = field(default_factory=lambda: EnergyNetConfig(layers=5))
     sampler: MleSamplerConfig = field(default_factory=MleSamplerConfig)
     loss: MleLossConfig = field(default_factory=MleLossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
@@ -85,7 +86,7 @@ class Mle(Method):
 
     def __init__(self, cfg: MleConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
-        energy = EnergyMLP(spec.dim, cfg.energy).to(self.device)
+        energy = build_energy(spec.shape, cfg.energy).to(self.device)
         self.networks["energy"] = energy
         self.optimizers["energy"] = cfg.optim.build(energy.parameters())
 
@@ -113,8 +114,9 @@ class Mle(Method):
         x_neg = x_chain.detach()
         self.chain_init.update(x_neg)
 
-        # One forward for both halves: on small nets the per-call overhead dominates.
-        energies = net(torch.cat([x_pos, x_neg]))
+        # One forward for both halves: on small nets the per-call overhead dominates. float(): under bf16
+        # autocast the net's output is bf16; the loss is reduced in fp32.
+        energies = net(torch.cat([x_pos, x_neg])).float()
         e_pos, e_neg = energies[:n], energies[n:]
         e_pos_mean, e_neg_mean = e_pos.mean(), e_neg.mean()
         loss_ml = e_pos_mean - e_neg_mean  # also the energy gap, reported under its own name
@@ -128,7 +130,7 @@ class Mle(Method):
             # E_sg[θ](G_θ(x0)): the critic's parameters are detached, so θ is reached only through the
             # sampler's ∇E steps. Numerically this term equals mean E(x_neg); only its gradient differs.
             frozen = {name: p.detach() for name, p in net.named_parameters()}
-            loss_gen = generator_weight * functional_call(net, frozen, (x_chain,)).mean()
+            loss_gen = generator_weight * functional_call(net, frozen, (x_chain,)).float().mean()
             loss = loss + loss_gen
             metrics["loss/generator"] = loss_gen.detach()
 
@@ -159,7 +161,7 @@ class Mle(Method):
         """{"ebm": −E(x)} and, for the ODE sampler, {"flow": exact log-density of the gradient flow} — the
         paper's point is that the flow's density matches the data far better than exp(−E)/Z."""
         x = x.to(self.device)
-        densities = {"ebm": -self.energy(x)}
+        densities = {"ebm": -self.energy(x).float()}
         if self.cfg.sampler.kind == "ode":
             s = self.cfg.sampler
             densities["flow"] = ode_log_density(

@@ -1,6 +1,11 @@
 """Convolutional energy networks for square images whose side is a power of two (8, 16, 32, 64, ...).
 
-Two architectures, each as its paper specifies it, generalised to any side 2^k ≥ 8:
+Three architectures, each as its paper specifies it, generalised to any side 2^k ≥ 8:
+
+* ``mle_conv`` — paper 000's energy (appendix A, Table 2): 3×3 conv(n_f) stride 1 → S stride-2 4×4 convs →
+  flatten → FC → scalar, Swish after every conv. Widths of the stride-2 convs: ``growth: doubling`` is the
+  CIFAR-10 / CelebA columns (2, 4, 8[, 16] × n_f), ``growth: constant`` the MNIST / Fashion-MNIST column
+  (2, 2, 2 × n_f). Paper: n_f = 32 (MNIST, Fashion-MNIST, CelebA), 64 (CIFAR-10).
 
 * ``nt_ebm`` — the NT-EBM ConvNet (paper 002, appendix A.3, Tables 4 and 5; Xavier init per A.4):
   3×3 conv(n_f) → S stride-2 4×4 convs → 4×4 conv(1) on the final 4×4 map, LipSwish after every conv
@@ -9,8 +14,9 @@ Two architectures, each as its paper specifies it, generalised to any side 2^k �
   3×3 conv stem then S stages of [ResBlock down, ``blocks_per_stage`` × ResBlock], Swish activations,
   weight normalisation on every conv, global sum pooling, FC → scalar.
 
-S = log2(side) − 2 stride-2 stages, so the last feature map is 4×4 as in Tables 4, 5 and 7 (CIFAR-10,
-CelebA 64). Channel rule, shared by both (multipliers of ``channels``): each stage doubles the previous
+S = log2(side) − 2 stride-2 stages, so the last feature map is 4×4 as in paper 000's Table 2 (3 stages at
+32 px, 4 at CelebA's 64 px) and paper 002/003's Tables 4, 5 and 7. mle_conv's doubling has no cap (Table 2
+reaches 16×). Channel rule of the other two (multipliers of ``channels``): each stage doubles the previous
 stage's width, except that the LAST stage repeats it — Table 4 is 1 | 2, 4, 4 and Table 5 is 1 | 2, 4, 8, 8
 — and no width exceeds 8× (the largest either paper uses). NT-EBM's stride-2 convs double from the stem
 (2, 4, ..); VAEBM's first stage keeps the stem width (Table 7: "3×3 conv2d, 128 → ResBlock down 128").
@@ -35,15 +41,19 @@ from ebm_scale.schema import Config, knob
 
 # arch name → module class; filled below the classes (the config's `arch` choices read it when checking)
 CONV_ENERGIES: dict[str, Callable[..., nn.Module]] = {}
+GROWTHS = ("doubling", "constant")
 
 
 @dataclass
 class ConvEnergyConfig(Config):
-    arch: str = knob("nt_ebm", choices=CONV_ENERGIES, noun="conv energy")  # nt_ebm | vaebm_resnet
-    # n_f (NT-EBM: 32 in all of paper 002's runs) / stem width (VAEBM: 128 CIFAR-10, 64 at 64 px)
+    arch: str = knob("nt_ebm", choices=CONV_ENERGIES, noun="conv energy")  # mle_conv | nt_ebm | vaebm_resnet
+    # n_f (mle_conv: 32 MNIST/Fashion/CelebA, 64 CIFAR-10; NT-EBM: 32 in all of paper 002's runs) / stem width
+    # (VAEBM: 128 CIFAR-10, 64 at 64 px)
     channels: int = knob(32, ge=1)
-    # VAEBM: plain ResBlocks after each ResBlock down (Table 7: 1); nt_ebm ignores it
+    # VAEBM: plain ResBlocks after each ResBlock down (Table 7: 1); the others ignore it
     blocks_per_stage: int = knob(1, ge=0)
+    # mle_conv: stride-2 widths doubling from 2·n_f (CIFAR-10, CelebA) or constant 2·n_f (MNIST, Fashion-MNIST)
+    growth: str = knob("doubling", choices=GROWTHS, noun="width growth")
 
 
 def _num_stages(shape: tuple[int, ...], arch: str, prefix: str) -> int:
@@ -62,6 +72,26 @@ def _num_stages(shape: tuple[int, ...], arch: str, prefix: str) -> int:
 def _stage_mults(stages: int, first: int) -> list[int]:
     """Width multipliers of the stride-2 stages (module docstring): the last stage repeats, capped at 8."""
     return [2 ** max(0, min(first + i, first + stages - 2, 3)) for i in range(stages)]
+
+
+class MLEConvEnergy(nn.Module):
+    """Paper 000, Table 2: (n, C, 2^k, 2^k) → (n,). 32×32, n_f = 64, doubling (CIFAR-10):
+    64@32² → 128@16² → 256@8² → 512@4² → flatten → FC; constant (MNIST): 32@32² → 64@16² → 64@8² → 64@4²."""
+
+    def __init__(self, shape: tuple[int, int, int], cfg: ConvEnergyConfig, prefix: str = "net"):
+        super().__init__()
+        stages = _num_stages(shape, "mle_conv", prefix)
+        mults = [2 ** (i + 1) if cfg.growth == "doubling" else 2 for i in range(stages)]
+        widths = [cfg.channels] + [cfg.channels * m for m in mults]
+        act = ACTIVATIONS["swish"]
+        layers = [nn.Conv2d(shape[0], widths[0], 3, padding=1), act()]
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(w_in, w_out, 4, stride=2, padding=1), act()]  # halves the side
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = ScalarHead(widths[-1] * 16)  # the 4×4 map, flattened (Table 2: "Flatten, FC layer to scalar")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 class NTEBMEnergy(nn.Module):
@@ -156,7 +186,7 @@ class VAEBMResNetEnergy(nn.Module):
                 handle.remove()
 
 
-CONV_ENERGIES.update(nt_ebm=NTEBMEnergy, vaebm_resnet=VAEBMResNetEnergy)
+CONV_ENERGIES.update(mle_conv=MLEConvEnergy, nt_ebm=NTEBMEnergy, vaebm_resnet=VAEBMResNetEnergy)
 
 
 def build_conv_energy(shape: tuple[int, int, int], cfg: ConvEnergyConfig, prefix: str = "net") -> nn.Module:

@@ -11,12 +11,12 @@ from torch import nn
 from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
 from ebm_scale.schema import Config, knob
 
-ENERGY_ARCHS = ("mlp", "nt_ebm", "vaebm_resnet")
+ENERGY_ARCHS = ("mlp", "mle_conv", "nt_ebm", "vaebm_resnet")
 
 
 @dataclass
 class EnergyNetConfig(Config):
-    # mlp | nt_ebm (paper 002 Tables 4/5) | vaebm_resnet (paper 003)
+    # mlp | mle_conv (paper 000 Table 2) | nt_ebm (paper 002 Tables 4/5) | vaebm_resnet (paper 003 Table 7)
     arch: str = knob("mlp", choices=ENERGY_ARCHS, noun="energy network")
     # The other fields are checked through the chosen arch's own config (rules): only its fields matter.
     hidden: int = 256  # mlp width
@@ -24,6 +24,7 @@ class EnergyNetConfig(Config):
     activation: str = "swish"  # mlp activation
     channels: int = 32  # conv archs: n_f / base channels
     blocks_per_stage: int = 1  # vaebm_resnet residual blocks per resolution
+    growth: str = "doubling"  # mle_conv: doubling (CIFAR-10, CelebA) | constant (MNIST, Fashion-MNIST)
 
     def rules(self):
         yield self._mlp() if self.arch == "mlp" else self._conv()
@@ -34,7 +35,9 @@ class EnergyNetConfig(Config):
     def _conv(self):
         from ebm_scale.nets.conv_energy import ConvEnergyConfig
 
-        return ConvEnergyConfig(arch=self.arch, channels=self.channels, blocks_per_stage=self.blocks_per_stage)
+        return ConvEnergyConfig(
+            arch=self.arch, channels=self.channels, blocks_per_stage=self.blocks_per_stage, growth=self.growth
+        )
 
 
 def build_energy(shape: tuple[int, ...], cfg: EnergyNetConfig) -> nn.Module:

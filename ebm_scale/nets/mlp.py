@@ -66,7 +66,8 @@ class ScalarHead(nn.Module):
         self.bias = nn.Parameter(torch.empty(()).uniform_(-bound, bound))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.addmv(self.bias, h, self.weight)
+        # addmv has no autocast rule: under bf16 autocast h arrives bf16, so match it (a no-op in fp32).
+        return torch.addmv(self.bias.to(h.dtype), h, self.weight.to(h.dtype))
 
 
 class EnergyMLP(nn.Module):

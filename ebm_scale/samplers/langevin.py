@@ -24,7 +24,9 @@ def energy_and_grad(energy_fn: EnergyFn, x: torch.Tensor, create_graph: bool) ->
     gradient is itself differentiable (w.r.t. x and the energy's parameters) — what the generator loss and
     the exact/Hutchinson trace need.
     """
-    energy = energy_fn(x)
+    # In x's dtype: under bf16 autocast the network returns bf16, but chain states, energies and the MH / loss
+    # arithmetic on them stay in the chain's own precision (the gradient w.r.t. x already has x's dtype).
+    energy = energy_fn(x).to(x.dtype)
     (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
     return energy, grad
 
