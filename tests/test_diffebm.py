@@ -13,7 +13,7 @@ from ebm_scale.errors import ConfigError
 from ebm_scale.methods import DataSpec, build_method
 from ebm_scale.methods.diffebm import DiffebmConfig, DiffebmSdeConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
-from ebm_scale.nets.mlp import MLPConfig
+from ebm_scale.nets.energy import EnergyNetConfig
 
 SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 
@@ -21,7 +21,7 @@ SPEC = DataSpec(shape=(2,), bounds=(-4.0, 4.0))
 def small_config(**overrides) -> DiffebmConfig:
     cfg = DiffebmConfig(
         sde=DiffebmSdeConfig(steps=8, sample_steps=5),
-        energy=MLPConfig(hidden=16, layers=3, activation="silu"),
+        energy=EnergyNetConfig(hidden=16, layers=3, activation="silu"),
         control=DiffusionNetConfig(hidden=16, layers=3, activation="silu", embedding="fourier", embed_dim=8),
     )
     return with_overrides(cfg, overrides)

@@ -7,7 +7,10 @@ import torch
 
 from ebm_scale.data.spec import DataSpec
 from ebm_scale.methods import build_method
+from ebm_scale.methods.ddaebm import DdaebmConfig
+from ebm_scale.methods.diffebm import DiffebmConfig, DiffebmSdeConfig
 from ebm_scale.methods.mle import MleConfig, MleSamplerConfig
+from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
 from ebm_scale.nets.energy import EnergyNetConfig
 
 SHAPES = [(1, 16, 16), (3, 16, 16)]
@@ -26,7 +29,30 @@ def mle_generator_loss(backbone_dir, shape):
     return cfg
 
 
-CONFIGS = {"mle": mle, "mle_generator_loss": mle_generator_loss}
+def unet(**fields) -> DiffusionNetConfig:
+    return DiffusionNetConfig(arch="unet", channels=8, channel_mults=(1, 2), embed_dim=16, activation="swish", **fields)
+
+
+def diffebm(backbone_dir, shape):
+    return DiffebmConfig(
+        sde=DiffebmSdeConfig(steps=3),
+        energy=EnergyNetConfig(arch="mle_conv", channels=4),
+        control=unet(embedding="fourier"),
+    )
+
+
+def ddaebm(backbone_dir, shape):
+    # Paper 001's image networks: E(x, t) = ½‖x − f(x, t)‖² with a U-Net f, a z-conditioned U-Net generator,
+    # a conv encoder (the U-Net's down path).
+    return DdaebmConfig(energy=unet(), generator=unet(), encoder=unet(), latent_dim=4)
+
+
+CONFIGS = {
+    "mle": mle,
+    "mle_generator_loss": mle_generator_loss,
+    "diffebm": diffebm,
+    "ddaebm": ddaebm,
+}
 
 
 def batch(shape, n=4):

@@ -193,6 +193,20 @@ class Method(abc.ABC):
         return norm.detach()
 
 
+def fp32_outputs(net: nn.Module):
+    """`net` called with its floating outputs (a tensor or a tuple of them) cast to fp32. Under bf16 autocast
+    the network runs in bf16 while what its outputs feed — chain and SDE states, schedule arithmetic,
+    log-density accumulators, losses — stays fp32 (a no-op without autocast)."""
+
+    def call(*args, **kwargs):
+        out = net(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.float() if o.is_floating_point() else o for o in out)
+        return out.float() if out.is_floating_point() else out
+
+    return call
+
+
 @torch.no_grad()
 def _clip_to_adam_std(optimizer: torch.optim.Optimizer, k: float) -> None:
     """Clamp each gradient element to ±(k·sqrt(v̂) + 0.1) (see OptimConfig.clip_elementwise_std). Before

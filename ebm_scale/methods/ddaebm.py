@@ -22,7 +22,7 @@ import torch
 
 from ebm_scale.diffusion import TIME_SCHEDULES, DiscreteVPSchedule, gaussian_log_prob
 from ebm_scale.errors import require
-from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.base import DataSpec, Method, OptimConfig, fp32_outputs
 from ebm_scale.methods.registry import register_method
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_encoder, build_generator, build_time_energy
 from ebm_scale.nets.ema import WeightAverages
@@ -144,16 +144,18 @@ class Ddaebm(Method):
         t = torch.randint(1, cfg.diffusion.steps + 1, (n,), device=self.device)
         x_prev, x_t = sched.sample_pair(x0, t)
         energy, generator = self.networks["energy"], self.networks["generator"]
+        # fp32 outputs: under bf16 autocast the schedule's arithmetic and the losses stay fp32.
+        energy_fn, generator_fn = fp32_outputs(energy), fp32_outputs(generator)
 
         # Generator + encoder: the energy is a fixed critic here, so its parameters take no gradient.
         energy.requires_grad_(False)
         z = torch.randn(n, cfg.latent_dim, device=self.device)
-        x_fake = sched.posterior_sample(generator(x_t, z, t), x_t, t, var_floor=self.sample_var_floor)
-        l1 = energy(x_fake, t - 1) - sched.log_q_step(x_t, x_fake, t)
+        x_fake = sched.posterior_sample(generator_fn(x_t, z, t), x_t, t, var_floor=self.sample_var_floor)
+        l1 = energy_fn(x_fake, t - 1) - sched.log_q_step(x_t, x_fake, t)
         metrics: dict[str, torch.Tensor] = {}
         if cfg.encoder_term and cfg.latent_dim > 0:
             # −log q_ψ(z | x̃, x_t): the variational bound on the generator's conditional entropy (eq. 16)
-            mean, log_var = self.networks["encoder"](x_fake, x_t, t)
+            mean, log_var = fp32_outputs(self.networks["encoder"])(x_fake, x_t, t)
             l1 = l1 - gaussian_log_prob(z, mean, log_var.exp())
         loss_g = l1.mean()
         if cfg.reverse_kl_weight > 0:
@@ -169,7 +171,7 @@ class Ddaebm(Method):
         # Energy: real pairs down, generated ones up, gradient penalty on the real x_{t−1} (eq. 22–23).
         x_real = x_prev.detach().requires_grad_(True)
         # One forward for both halves (every energy net here is per-sample: no batch statistics to mix).
-        e_real, e_fake = energy(torch.cat([x_real, x_fake.detach()]), torch.cat([t - 1, t - 1])).split(n)
+        e_real, e_fake = energy_fn(torch.cat([x_real, x_fake.detach()]), torch.cat([t - 1, t - 1])).split(n)
         e_real_mean, e_fake_mean = e_real.mean(), e_fake.mean()
         loss_e = e_real_mean - cfg.fake_weight * e_fake_mean
         if cfg.gradient_penalty > 0:
@@ -202,13 +204,13 @@ class Ddaebm(Method):
         """L2 per sample (eq. 19) on real pairs: the negative ELBO of x_{t−1} under p_φ(· | x_t)."""
         cfg = self.cfg
         if cfg.latent_dim > 0:
-            mean, log_var = self.networks["encoder"](x_prev, x_t, t)
+            mean, log_var = fp32_outputs(self.networks["encoder"])(x_prev, x_t, t)
             z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
             kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
             metrics["encoder/kl"] = kl.mean().detach()
         else:
             z, kl = torch.empty(len(x_t), 0, device=self.device), 0.0
-        x0_hat = self.networks["generator"](x_t, z, t)
+        x0_hat = fp32_outputs(self.networks["generator"])(x_t, z, t)
         return kl - self.schedule.posterior_log_prob(x_prev, x0_hat, x_t, t, cfg.posterior_var_floor)
 
     @torch.no_grad()
@@ -236,7 +238,7 @@ class Ddaebm(Method):
     # --- sampling and density ----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        generator = self.averages.network("generator")
+        generator = fp32_outputs(self.averages.network("generator"))
         sched, steps = self.schedule, self.cfg.diffusion.steps
         x = torch.randn(n, *self.spec.shape, device=self.device)
         if self.start_from_data:
@@ -252,7 +254,7 @@ class Ddaebm(Method):
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.to(self.device)
         energy = self.averages.network("energy")
-        return {"ebm": -energy(x, torch.zeros(len(x), dtype=torch.long, device=self.device))}
+        return {"ebm": -energy(x, torch.zeros(len(x), dtype=torch.long, device=self.device)).float()}
 
     def extra_state(self) -> dict:
         return {

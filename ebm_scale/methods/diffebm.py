@@ -28,11 +28,11 @@ from ebm_scale.diffusion import (
     running_cost,
     simulate_generative,
 )
-from ebm_scale.methods.base import DataSpec, Method, OptimConfig
+from ebm_scale.methods.base import DataSpec, Method, OptimConfig, fp32_outputs
 from ebm_scale.methods.registry import register_method
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig, build_control
 from ebm_scale.nets.ema import WeightAverages
-from ebm_scale.nets.mlp import EnergyMLP, MLPConfig
+from ebm_scale.nets.energy import EnergyNetConfig, build_energy
 from ebm_scale.schema import Config, Rule, knob
 
 
@@ -56,9 +56,11 @@ class DiffebmConfig(Config):
 
     name: str = knob("diffebm", choices=("diffebm",), noun="method")
     sde: DiffebmSdeConfig = field(default_factory=DiffebmSdeConfig)
-    # Paper: "three 1×1-conv layers with SiLU" applied per point = a 3-layer MLP.
-    energy: MLPConfig = field(default_factory=lambda: MLPConfig(hidden=128, layers=3, activation="silu"))
+    # Paper: "three 1×1-conv layers with SiLU" applied per point = a 3-layer MLP. Images (not in the paper): any
+    # conv energy of nets/energy.py (mle_conv, nt_ebm, vaebm_resnet).
+    energy: EnergyNetConfig = field(default_factory=lambda: EnergyNetConfig(hidden=128, layers=3, activation="silu"))
     # Paper: a Fourier-feature MLP (Zhang & Chen's PIS) — random Fourier features of t, an MLP on (x, t).
+    # Images: arch unet (u(x, t) shaped like x).
     control: DiffusionNetConfig = field(
         default_factory=lambda: DiffusionNetConfig(
             hidden=128, layers=3, activation="silu", embedding="fourier", embed_dim=64
@@ -82,7 +84,7 @@ class Diffebm(Method):
     def __init__(self, cfg: DiffebmConfig, spec: DataSpec, device):
         super().__init__(cfg, spec, device)
         self.sde = VPSDE(cfg.sde.beta_min, cfg.sde.beta_max)
-        self.networks["energy"] = EnergyMLP(spec.dim, cfg.energy).to(self.device)
+        self.networks["energy"] = build_energy(spec.shape, cfg.energy).to(self.device)
         self.networks["control"] = build_control(spec.shape, cfg.control, "method.control").to(self.device)
         self.optimizers["energy"] = cfg.optim_energy.build(self.networks["energy"].parameters())
         self.optimizers["control"] = cfg.optim_control.build(self.networks["control"].parameters())
@@ -94,7 +96,8 @@ class Diffebm(Method):
 
     def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg, sde = self.cfg, self.sde
-        energy, control = self.networks["energy"], self.networks["control"]
+        # fp32 outputs: under bf16 autocast the SDE state, running cost and log-RNDs stay fp32.
+        energy, control = fp32_outputs(self.networks["energy"]), fp32_outputs(self.networks["control"])
         x_data = batch.to(self.device, non_blocking=True)
         n, dim = x_data.shape[0], self.spec.dim
         path = simulate_generative(
@@ -156,10 +159,10 @@ class Diffebm(Method):
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         x_start = self.sde.prior_sample((n, *self.spec.shape), device=self.device)
-        return simulate_generative(self.sde, self.averages.network("control"), x_start, steps=self.nfe)
+        return simulate_generative(self.sde, fp32_outputs(self.averages.network("control")), x_start, steps=self.nfe)
 
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"ebm": -self.averages.network("energy")(x.to(self.device))}
+        return {"ebm": -self.averages.network("energy")(x.to(self.device)).float()}
 
     def extra_state(self) -> dict:
         return {"ema_updates": self.averages.updates}
