@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DataSpec:
-    """One example's shape and, for 2D toys, the plotting / quadrature box [low, high]^2."""
+    """One example's shape; for 2D toys the plotting / quadrature box [low, high]^2, for images the range
+    every pixel lies in."""
 
     shape: tuple[int, ...]
-    kind: str = "toy2d"
+    kind: str = "toy2d"  # "toy2d" | "image"
     bounds: tuple[float, float] | None = None
+    value_range: tuple[float, float] | None = None
 
     @property
     def dim(self) -> int:
