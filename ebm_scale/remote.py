@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -71,16 +72,23 @@ def fetch_to_cache(uri: str | os.PathLike, kind: str = "data", cache_dir: str | 
     marker = target.parent / f".{target.name}.complete"
     if marker.exists():  # the common case on every call after the first: no lock, no request
         return target
+    with node_lock(target):
+        if not marker.exists():  # another process may have finished while we waited
+            _download(uri, bucket, key, target)
+            marker.touch()
+    return target
+
+
+@contextmanager
+def node_lock(target: Path):
+    """Exclusive among this node's processes for `target` (a lock file beside it); others wait here."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies mid-download
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if the holder dies mid-download
         try:
-            if not marker.exists():  # another process may have finished while we waited
-                _download(uri, bucket, key, target)
-                marker.touch()
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return target
 
 
 def exists(uri: str | os.PathLike) -> bool:
