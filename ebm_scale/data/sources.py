@@ -136,10 +136,11 @@ def _idx_finder(tv_class: type, flat_names: tuple[str, ...], fashion: bool) -> C
     return find
 
 
-def _idx_expected(tv_class: type, flat: str) -> Callable[[Path], str]:
+def _idx_expected(tv_class: type, flat: str, fashion: bool) -> Callable[[Path], str]:
+    itself = "data.root itself when its name contains 'fashion'" if fashion else "data.root itself"
     return lambda root: (
         f"{root / tv_class.__name__ / 'raw'}/train-images-idx3-ubyte etc. (torchvision's layout), "
-        f"or train-images-idx3-ubyte.gz etc. in {root / flat}"
+        f"or train-images-idx3-ubyte.gz etc. in {root / flat} or {itself}"
     )
 
 
@@ -204,7 +205,7 @@ SOURCES: dict[str, ImageSource] = {
             1,
             28,
             _idx_finder(torchvision.datasets.MNIST, ("mnist",), fashion=False),
-            _idx_expected(torchvision.datasets.MNIST, "mnist"),
+            _idx_expected(torchvision.datasets.MNIST, "mnist", fashion=False),
             _tv_download(lambda r: torchvision.datasets.MNIST(str(r), download=True)),
         ),
         ImageSource(
@@ -212,7 +213,7 @@ SOURCES: dict[str, ImageSource] = {
             1,
             28,
             _idx_finder(torchvision.datasets.FashionMNIST, ("fashion-mnist", "fashion_mnist"), fashion=True),
-            _idx_expected(torchvision.datasets.FashionMNIST, "fashion-mnist"),
+            _idx_expected(torchvision.datasets.FashionMNIST, "fashion-mnist", fashion=True),
             _tv_download(lambda r: torchvision.datasets.FashionMNIST(str(r), download=True)),
         ),
         ImageSource(
