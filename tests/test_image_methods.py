@@ -7,11 +7,18 @@ import torch
 
 from ebm_scale.data.spec import DataSpec
 from ebm_scale.methods import build_method
+from ebm_scale.methods.backbone import save_backbone
 from ebm_scale.methods.ddaebm import DdaebmConfig
 from ebm_scale.methods.diffebm import DiffebmConfig, DiffebmSdeConfig
+from ebm_scale.methods.flow import FlowMethodConfig
 from ebm_scale.methods.mle import MleConfig, MleSamplerConfig
+from ebm_scale.methods.nt_ebm import NtEbmConfig, NtEbmSamplerConfig
+from ebm_scale.methods.vae import VaeConfig
+from ebm_scale.methods.vaebm import VaebmConfig, VaebmSamplerConfig
 from ebm_scale.nets.diffusion_nets import DiffusionNetConfig
 from ebm_scale.nets.energy import EnergyNetConfig
+from ebm_scale.nets.flow import FlowConfig
+from ebm_scale.nets.vae import VAEConfig
 
 SHAPES = [(1, 16, 16), (3, 16, 16)]
 
@@ -47,11 +54,54 @@ def ddaebm(backbone_dir, shape):
     return DdaebmConfig(energy=unet(), generator=unet(), encoder=unet(), latent_dim=4)
 
 
+def flow(backbone_dir, shape):
+    # Paper 002's Glow, multi-scale: 2 levels of 2 steps on 16 px (the paper: 3 levels of 8-16 at 32-64 px).
+    return FlowMethodConfig(flow=FlowConfig(arch="conv", levels=2, depth=2, hidden=8, coupling="additive"))
+
+
+def vae(backbone_dir, shape):
+    return VaeConfig(vae=VAEConfig(arch="conv", latent_dim=8, hidden=4, layers=2), iw_samples=4)
+
+
+def stage1(kind, backbone_dir, shape) -> str:
+    """A freshly built stage-1 method, one train step on image data, exported as the backbone file a stage-2
+    method reads (what the engine does when `method.backbone` is empty)."""
+    method = build_method(
+        (flow if kind == "flow" else vae)(backbone_dir, shape), DataSpec(shape=shape, kind="image"), "cpu"
+    )
+    method.train_step(batch(shape, 8))
+    return save_backbone(str(backbone_dir), method.export_backbone())
+
+
+def nt_ebm(backbone_dir, shape, **fields):
+    return NtEbmConfig(
+        backbone=stage1("flow", backbone_dir, shape),
+        energy=EnergyNetConfig(arch="nt_ebm", channels=4),
+        sampler=NtEbmSamplerConfig(steps=2, leapfrog_steps=2, sample_steps=2),
+        **fields,
+    )
+
+
+def vaebm(backbone_dir, shape, kind="langevin"):
+    return VaebmConfig(
+        backbone=stage1("vae", backbone_dir, shape),
+        energy=EnergyNetConfig(arch="vaebm_resnet", channels=4),
+        sampler=VaebmSamplerConfig(kind=kind, steps=2, sample_steps=2),
+        iw_samples=4,
+    )
+
+
 CONFIGS = {
     "mle": mle,
     "mle_generator_loss": mle_generator_loss,
     "diffebm": diffebm,
     "ddaebm": ddaebm,
+    "flow": flow,
+    "vae": vae,
+    "nt_ebm": nt_ebm,
+    "nt_ebm_nce": lambda backbone_dir, shape: nt_ebm(backbone_dir, shape, objective="nce"),
+    "vaebm": vaebm,
+    "vaebm_hmc": lambda backbone_dir, shape: vaebm(backbone_dir, shape, kind="hmc"),
 }
 
 
@@ -64,6 +114,18 @@ def run_method(name, shape, tmp_path, steps=2):
     method = build_method(CONFIGS[name](tmp_path / "backbone", shape), DataSpec(shape=shape, kind="image"), "cpu")
     outs = [method.train_step(batch(shape)) for _ in range(steps)]
     return method, outs
+
+
+def _tensors(state, prefix="extra"):
+    """(path, tensor) for every tensor in a nested extra_state."""
+    if isinstance(state, torch.Tensor):
+        yield prefix, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from _tensors(value, f"{prefix}.{key}")
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            yield from _tensors(value, f"{prefix}[{i}]")
 
 
 @pytest.fixture(autouse=True)
@@ -100,5 +162,7 @@ def test_bf16_autocast_keeps_losses_finite_and_chains_fp32(name, tmp_path):
             assert torch.isfinite(value), (key, value)
             assert value.dtype in (torch.float32, torch.int64), (key, value.dtype)  # fp32 reductions
     assert samples.dtype == torch.float32 and samples.shape == (3, *shape) and torch.isfinite(samples).all()
+    for key, value in _tensors(method.extra_state()):  # chains, adapted step sizes, buffers, pools, EMA ...
+        assert not value.is_floating_point() or value.dtype == torch.float32, (key, value.dtype)
     for net in method.networks.values():  # autocast never touches the stored weights
         assert all(p.dtype == torch.float32 for p in net.parameters())

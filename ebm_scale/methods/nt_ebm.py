@@ -102,11 +102,11 @@ class NtEbm(Method):
     # --- the two targets HMC can run on -------------------------------------------------------------------
     def latent_energy(self, z: torch.Tensor) -> torch.Tensor:
         """U(z) = E(g(z)) + ½‖z‖²."""
-        return self.energy(self.flow(z)) + 0.5 * z.flatten(1).pow(2).sum(1)
+        return self.energy(self.flow(z)).float() + 0.5 * z.flatten(1).pow(2).sum(1)
 
     def data_energy(self, x: torch.Tensor) -> torch.Tensor:
         """U(x) = E(x) − log q_α(x)."""
-        return self.energy(x) - self.flow.log_prob(x)
+        return self.energy(x).float() - self.flow.log_prob(x).float()
 
     def _fresh(self, n: int, space: str) -> torch.Tensor:
         """Chain starts drawn from q_α: z ~ N(0, I) in latent space, x = g(z) in data space."""
@@ -154,7 +154,7 @@ class NtEbm(Method):
         self.step_size = stats.step_size
         x_neg = self._to_data(self.chains, s.space)
 
-        energies = self.energy(torch.cat([x_pos, x_neg]))
+        energies = self.energy(torch.cat([x_pos, x_neg])).float()  # fp32 loss under bf16 autocast
         e_pos, e_neg = energies[:n].mean(), energies[n:].mean()
         loss = e_pos - e_neg
         grad_norm = self.optimizer_step(self.optimizers["energy"], loss, self.cfg.optim)
@@ -177,7 +177,7 @@ class NtEbm(Method):
         n = x_pos.shape[0]
         with torch.no_grad():
             x_noise = self.flow.sample(n)
-        logits = self.networks["nce_bias"].b - self.energy(torch.cat([x_pos, x_noise]))
+        logits = self.networks["nce_bias"].b - self.energy(torch.cat([x_pos, x_noise])).float()
         loss_data, loss_noise = F.softplus(-logits[:n]).mean(), F.softplus(logits[n:]).mean()
         loss = loss_data + loss_noise
         grad_norm = self.optimizer_step(self.optimizers["energy"], loss, self.cfg.optim)
@@ -205,8 +205,8 @@ class NtEbm(Method):
     def log_density(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"nt_ebm": −E(x) + log q_α(x), "flow": log q_α(x)}: the tilted model beside its backbone alone."""
         x = x.to(self.device)
-        log_q = self.flow.log_prob(x)
-        return {"nt_ebm": log_q - self.energy(x), "flow": log_q}
+        log_q = self.flow.log_prob(x).float()
+        return {"nt_ebm": log_q - self.energy(x).float(), "flow": log_q}
 
     def long_chains(self, chains: int, length: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """The paper's mixing contrast on the current model: HMC in latent space vs HMC in data space, both

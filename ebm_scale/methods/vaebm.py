@@ -150,7 +150,7 @@ class Vaebm(Method):
         """U(ε) = E(T(ε)) + ½‖ε‖²: the target's energy in noise space."""
         eps_z, eps_x = self.space.unpack(eps)
         x, _ = self.vae.transform(eps_z, eps_x)
-        return self.energy(x) + 0.5 * eps.pow(2).sum(dim=1)
+        return self.energy(x).float() + 0.5 * eps.pow(2).sum(dim=1)
 
     def run_chains(self, eps0: torch.Tensor, steps: int, step_size=None, callback=None) -> torch.Tensor:
         """`steps` steps of the configured sampler on U from eps0. hmc starts at `step_size` (default: the ε
@@ -205,7 +205,7 @@ class Vaebm(Method):
         """One optimizer step on E: contrastive ML with negatives x_neg, plus the regularizers. Separate from the
         chains so an experiment can hand it negatives from elsewhere (experiments/vaebm_exact_negatives.py)."""
         cfg, n = self.cfg, x_pos.shape[0]
-        energies = self.energy(torch.cat([x_pos, x_neg]))
+        energies = self.energy(torch.cat([x_pos, x_neg])).float()  # fp32 loss under bf16 autocast
         e_pos, e_neg = energies[:n].mean(), energies[n:].mean()
         loss_ml = e_pos - e_neg
         loss, metrics = loss_ml, {}
@@ -240,7 +240,7 @@ class Vaebm(Method):
         x = x.to(self.device)
         with torch.no_grad():
             log_vae = self.vae.log_likelihood(x, samples=self.cfg.iw_samples)
-            return {"vaebm": log_vae - self.energy(x), "vae": log_vae}
+            return {"vaebm": log_vae - self.energy(x).float(), "vae": log_vae}
 
     def long_chains(self, chains: int, length: int, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """The configured sampler in ε-space from fresh noise (hmc from its initial ε, as nt_ebm's long chains),

@@ -1,12 +1,15 @@
 """Normalizing flow with an exact log-determinant: the frozen backbone g_α of NT-EBM (paper 002).
 
-Glow (Kingma & Dhariwal, 2018) at a single scale. Every step is actnorm → invertible linear mixing (a 1×1
-convolution on images) → coupling, written as in Glow in the normalizing direction x → z; the generative
-map g_α: z → x runs the steps backwards. Images are squeezed (C, H, W) → (4C, H/2, W/2) first, so that the
-coupling's channel split has ≥ 2 channels even for C = 1 and each half sees its spatial neighbours; z is
-unsqueezed back, so z always has the data's shape. Paper 002 (appendix A.3/A.4) uses Glow with
-n_levels = 3, invertible 1×1 convolutions and additive coupling; the multi-scale factoring-out is not
-needed here (the EBM lives on the full latent), so there is one level.
+Glow (Kingma & Dhariwal, 2018). Every step is actnorm → invertible linear mixing (a 1×1 convolution on
+images) → coupling, written as in Glow in the normalizing direction x → z; the generative map g_α: z → x runs
+the steps backwards. On images (arch conv) the flow is Glow's multi-scale architecture with `levels` levels:
+each level squeezes (C, H, W) → (4C, H/2, W/2), runs `depth` steps, and — except the last — factors half of
+its channels out as latent, so the next level works on the other half at half the resolution. Paper 002
+(appendix A.3/A.4) uses n_levels = 3, depth 8–16, width 128–512, additive coupling, and disables Glow's
+learned prior: every factored-out part is N(0, I) here too. The factored-out parts and the last level's
+output are put back together by the inverse of the same squeeze/split permutation, so z always has the data's
+shape and the base density is N(0, I) on all of it. `levels: 1` is a single scale (squeeze, steps, unsqueeze),
+the only option for flat vectors (arch mlp, the 2D toys).
 
 Every layer has `encode(h) -> (h, log|det ∂out/∂in|)` (x → z) and `decode(h)` (z → x), both per sample.
 """
@@ -20,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ebm_scale.schema import Config, knob
+from ebm_scale.errors import require
+from ebm_scale.schema import Config, Rule, knob
 
 ARCHS = ("mlp", "conv")
 COUPLINGS = ("affine", "additive")
@@ -34,12 +38,32 @@ LOG_SCALE_BOUND = 2.0
 
 @dataclass
 class FlowConfig(Config):
-    # mlp (flat vectors, e.g. 2D toy data) | conv (images (C, H, W), H and W even)
+    # mlp (flat vectors, e.g. 2D toy data) | conv (images (C, H, W), H and W divisible by 2^levels)
     arch: str = knob("mlp", choices=ARCHS, noun="arch")
-    depth: int = knob(8, ge=1)  # flow steps; each = actnorm → invertible linear / 1×1-conv mixing → coupling
+    # flow steps (per level); each = actnorm → invertible linear / 1×1-conv mixing → coupling
+    depth: int = knob(8, ge=1)
     hidden: int = knob(128, ge=1)  # width of the coupling MLPs / channels of the coupling conv nets
     coupling_layers: int = knob(2, ge=1)  # hidden layers in each coupling net
     coupling: str = knob("affine", choices=COUPLINGS, noun="coupling")  # affine | additive (paper 002's Glow: additive)
+    # conv: Glow's scales (paper 002: 3), half the channels factored out after each but the last; mlp: 1
+    levels: int = knob(1, ge=1)
+
+    def rules(self):
+        yield Rule("levels", self.arch == "conv" or self.levels == 1, f"arch mlp has one level, got {self.levels}")
+
+    def check_shape(self, shape: tuple[int, ...], prefix: str) -> None:
+        """The data-dependent rules (the data's shape is known only next to the config, not inside it)."""
+        if self.arch == "mlp":
+            require(math.prod(shape) >= 2, f"{prefix}.arch", f"mlp needs at least 2 dimensions, got shape {shape}")
+            return
+        factor = 2**self.levels
+        ok = len(shape) == 3 and shape[0] >= 1 and shape[1] % factor == 0 and shape[2] % factor == 0
+        require(
+            ok,
+            f"{prefix}.levels",
+            f"conv with {self.levels} level(s) squeezes H and W {self.levels} times, so it needs images (C, H, W) "
+            f"with both divisible by {factor}; got shape {tuple(shape)}",
+        )
 
 
 def _per_channel(p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -209,48 +233,72 @@ class Flow(nn.Module):
     """x = g_α(z), z ~ N(0, I) of the data's shape; exact log q_α(x) by change of variables.
 
     `forward(z)` / `forward_with_logdet(z)`: latent → data (log|det ∂x/∂z|); `inverse(x)`: data → latent
-    (log|det ∂z/∂x|); all per sample, differentiable w.r.t. their input in float32 and float64.
+    (log|det ∂z/∂x|); all per sample, differentiable w.r.t. their input in float32 and float64. Under bf16
+    autocast the steps run in bf16 and the results come back in the input's dtype.
     """
 
     def __init__(self, shape: tuple[int, ...], cfg: FlowConfig | None = None):
         super().__init__()
         cfg = cfg or FlowConfig()  # validated at compose time; the shape checks below need the data
         self.shape, self.cfg = tuple(shape), cfg
+        cfg.check_shape(self.shape, "method.flow")
         if cfg.arch == "conv":
-            if len(self.shape) != 3 or self.shape[1] % 2 or self.shape[2] % 2:
-                raise ValueError(f"flow arch 'conv' needs images (C, H, W) with H and W even, got {self.shape}")
-            channels = 4 * self.shape[0]
+            # level i: the squeeze quadruples the channels, the split before it halved them: 4C · 2^i
+            widths = [4 * self.shape[0] * 2**i for i in range(cfg.levels)]
         else:
-            channels = math.prod(self.shape)
-            if channels < 2:  # a coupling needs two non-empty halves
-                raise ValueError(f"flow arch 'mlp' needs at least 2 dimensions, got shape {self.shape}")
+            widths = [math.prod(self.shape)]
         layers: list[nn.Module] = []
-        for _ in range(cfg.depth):
-            layers += [ActNorm(channels), InvertibleMixing(channels), Coupling(channels, cfg)]
-        self.layers = nn.ModuleList(layers)  # in the normalizing (x → z) order
+        for channels in widths:
+            for _ in range(cfg.depth):
+                layers += [ActNorm(channels), InvertibleMixing(channels), Coupling(channels, cfg)]
+        # One flat list in the normalizing (x → z) order, `depth` steps (3 layers each) per level: a one-level
+        # flow keeps the state_dict keys it always had.
+        self.layers = nn.ModuleList(layers)
+        self.per_level = 3 * cfg.depth
 
-    def _internal(self, x: torch.Tensor) -> torch.Tensor:
-        return squeeze(x) if self.cfg.arch == "conv" else x.flatten(1)
+    def _level(self, i: int) -> nn.ModuleList:
+        return self.layers[i * self.per_level : (i + 1) * self.per_level]
 
-    def _external(self, h: torch.Tensor) -> torch.Tensor:
-        return unsqueeze(h) if self.cfg.arch == "conv" else h.view(-1, *self.shape)
+    def _run(self, x: torch.Tensor, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode (x → z) or decode (z → x) through every level; z and x both have the data's shape."""
+        logdet = x.new_zeros(x.shape[0])
+        if self.cfg.arch != "conv":
+            h = x.flatten(1)
+            layers = self.layers if direction == "encode" else reversed(self.layers)
+            for layer in layers:
+                h, step = getattr(layer, direction)(h)
+                logdet = logdet + step
+            return h.view(-1, *self.shape).to(x.dtype), logdet
+        levels = self.cfg.levels
+        if direction == "encode":
+            h, parts = x, []
+            for i in range(levels):
+                h = squeeze(h)
+                for layer in self._level(i):
+                    h, step = layer.encode(h)
+                    logdet = logdet + step
+                if i < levels - 1:  # factor half the channels out as latent (Glow's split)
+                    h, out = h.chunk(2, dim=1)
+                    parts.append(out)
+            return _assemble(h, parts).to(x.dtype), logdet
+        h, parts = _disassemble(x, levels)
+        for i in reversed(range(levels)):
+            if i < levels - 1:
+                h = torch.cat([h, parts[i].to(h.dtype)], dim=1)
+            for layer in reversed(self._level(i)):
+                h, step = layer.decode(h)
+                logdet = logdet + step
+            h = unsqueeze(h)
+        return h.to(x.dtype), logdet
 
     def forward_with_logdet(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, logdet = self._internal(z), z.new_zeros(z.shape[0])
-        for layer in reversed(self.layers):
-            h, step = layer.decode(h)
-            logdet = logdet + step
-        return self._external(h), logdet
+        return self._run(z, "decode")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.forward_with_logdet(z)[0]
 
     def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, logdet = self._internal(x), x.new_zeros(x.shape[0])
-        for layer in self.layers:
-            h, step = layer.encode(h)
-            logdet = logdet + step
-        return self._external(h), logdet
+        return self._run(x, "encode")
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         z, logdet = self.inverse(x)
@@ -259,3 +307,24 @@ class Flow(nn.Module):
     def sample(self, n: int) -> torch.Tensor:
         p = next(self.parameters())
         return self(torch.randn(n, *self.shape, device=p.device, dtype=p.dtype))
+
+
+def _assemble(last: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The last level's output and the factored-out parts → one tensor of the data's shape: undo the squeezes
+    and splits in reverse (a permutation, log|det| = 0; the inverse of _disassemble)."""
+    h = last
+    for part in reversed(parts):  # the level that factored `part` out: its output was [kept, part]
+        h = torch.cat([unsqueeze(h), part.to(h.dtype)], dim=1)
+    return unsqueeze(h)
+
+
+def _disassemble(z: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """z of the data's shape → (the last level's input, the factored-out parts in level order), each already
+    squeezed to its level's resolution."""
+    h, parts = z, []
+    for i in range(levels):
+        h = squeeze(h)
+        if i < levels - 1:
+            h, out = h.chunk(2, dim=1)
+            parts.append(out)
+    return h, parts

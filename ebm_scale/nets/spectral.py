@@ -23,6 +23,14 @@ class SpectralPenalty:
         self.vectors: list[torch.Tensor | None] = [None] * len(self.layers)  # u per layer (output side)
 
     def __call__(self) -> torch.Tensor:
+        if not self.layers:
+            return torch.zeros(())
+        # fp32 even under bf16 autocast: the penalty is on the weights themselves, and the persistent power-
+        # iteration vectors must not turn bf16 (they are checkpointed and reused every step).
+        with torch.autocast(self.layers[0].weight.device.type, enabled=False):
+            return self._total()
+
+    def _total(self) -> torch.Tensor:
         total = None
         for i, layer in enumerate(self.layers):
             w = layer.weight

@@ -139,12 +139,14 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q_φ(z|x) → (μ_z, log σ_z), each (n, latent_dim)."""
-        mu, log_sigma = self.encoder(x if self.cfg.arch == "conv" else x.flatten(1)).chunk(2, dim=1)
+        # In x's dtype: under bf16 autocast the nets run in bf16, the ELBO's terms are summed in fp32.
+        out = self.encoder(x if self.cfg.arch == "conv" else x.flatten(1)).to(x.dtype)
+        mu, log_sigma = out.chunk(2, dim=1)
         return mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """p_θ(x|z) → (μ_x, log σ_x), each (n, *shape) (the fixed log σ_x is an expanded view: no memory)."""
-        out = self.decoder(z)
+        out = self.decoder(z).to(z.dtype)  # z's dtype (fp32) under bf16 autocast, as in encode
         n = z.shape[0]
         if not self.cfg.learn_sigma_x:
             mu = out.reshape(n, *self.shape)
