@@ -52,29 +52,31 @@ class S3:
 
 @pytest.fixture(name="s3_server", scope="session")
 def s3_server_fixture():
+    """(endpoint, client): the server, and a client with explicit fake credentials (no environment needed)."""
+    import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    endpoint = f"http://{host}:{port}"
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+    yield endpoint, boto3.session.Session(**credentials).client("s3", endpoint_url=endpoint)
     server.stop()
 
 
 @pytest.fixture(name="s3")
 def s3_fixture(s3_server, monkeypatch, tmp_path):
-    import boto3
-
+    endpoint, client = s3_server
     for name, value in ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
     for name in CLEARED:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     # No shared config or credentials files: a developer's real profile must never be read by a test.
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("EBM_SCALE_CACHE", str(tmp_path / "cache"))
-    client = boto3.session.Session().client("s3")
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=bucket)
-    return S3(endpoint=s3_server, bucket=bucket, client=client)
+    return S3(endpoint=endpoint, bucket=bucket, client=client)

@@ -116,7 +116,7 @@ CHILD = textwrap.dedent(
 
 def test_concurrent_workers_download_once_and_see_complete_files(s3, tmp_path):
     # Big enough that the download takes a while: the other three arrive while it is in progress.
-    local = make_dir(tmp_path / "src", {f"part-{i}.bin": 1 << 20 for i in range(6)})
+    local = make_dir(tmp_path / "src", {f"part-{i}.bin": 1 << 19 for i in range(4)})
     uri = s3.upload_dir(local, "shards")
     go = tmp_path / "go"
     children = [
