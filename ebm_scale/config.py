@@ -52,6 +52,16 @@ class TrainConfig(Config):
     # Methods that skip non-finite optimizer steps (paper 004): this many skipped iterations in a row end the
     # run as diverged, so a run that cannot recover stops instead of skipping forever.
     max_consecutive_skips: int = knob(50, ge=1)
+    # GPU efficiency, the same code on CPU (CPU autocast is bf16 too, so the tests run this path).
+    # bf16: network passes under torch.autocast; parameters, optimizer state and chain states stay fp32.
+    precision: str = knob("fp32", choices=("fp32", "bf16"), noun="precision")
+    # MCMC / ODE energy evaluations inside samplers: fp32 by default even under precision=bf16, since a
+    # chain's many small gradient steps accumulate bf16's rounding; bf16 trades that for speed.
+    sampler_precision: str = knob("fp32", choices=("fp32", "bf16"), noun="sampler precision")
+    channels_last: bool = False  # NHWC memory format for image networks and batches (faster convs on GPUs)
+    # torch.compile each network's forward (in place: checkpoints keep their keys). Compiled graphs do not
+    # support double backward, so methods that differentiate through their sampler cannot use it.
+    compile: bool = False
 
 
 @dataclass

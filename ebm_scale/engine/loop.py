@@ -7,6 +7,7 @@ and the same loop is driven by a Tune trial, a Train worker, a benchmark or a un
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -128,10 +129,19 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
     data = load_dataset(cfg.data, cfg.seed)
     method = build_method(cfg.method, data.spec, device)
     method.broadcast_parameters()
+    images = data.spec.kind == "image"
+    _adapt_networks(cfg.train, method, images)
+    precision = Precision(cfg.train, device)
     # Per-rank streams from here on: ranks draw different batches and chains.
     seed_everything(cfg.seed * 1009 + session.rank)
-    batch_rng = torch.Generator().manual_seed(cfg.seed * 7919 + session.rank)
-    train_x = data.train.to(device)
+    # Toys: each rank draws its own random indices; images: one sampler seed, each rank reads its own shard.
+    batches = data.batches(
+        cfg.train.batch_size,
+        seed=cfg.seed if images else cfg.seed * 7919 + session.rank,
+        rank=session.rank,
+        world_size=session.world_size,
+        device=device,
+    )
 
     skips = SkippedSteps(cfg.train.max_consecutive_skips)
     start, restored = 0, session.restore()
@@ -142,7 +152,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
         if len(per_rank) == session.world_size:
             mine = per_rank[session.rank]
             set_rng_state(mine["rng"])
-            batch_rng.set_state(mine["batch_rng"])
+            batches.load_state_dict(mine["batches"])
             method.load_extra_state(mine["extra"])
             skips.load_state_dict(mine.get("skips"))
         if session.tracker is not None:
@@ -159,9 +169,12 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
     step = start  # a run restored at its last step trains no further
     for step in range(start + 1, cfg.train.iterations + 1):
         _debug_faults(cfg, method, step, restored is not None)
-        idx = torch.randint(len(train_x), (cfg.train.batch_size,), generator=batch_rng).to(device)
+        batch = next(batches)
+        if cfg.train.channels_last and images:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         try:
-            accumulator.add(skips.observe(method, method.train_step(train_x[idx])))
+            with precision.train():
+                accumulator.add(skips.observe(method, method.train_step(batch)))
         except (AssertionError, RuntimeError) as err:
             # An adaptive ODE solver meeting NaNs fails with "underflow in dt" rather than returning NaN:
             # that is divergence too, but only when the weights really went non-finite.
@@ -179,6 +192,10 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
                 return _end_diverged(cfg, session, step, last_train, last_eval)
             now = time.perf_counter()
             last_train["train/sec_per_iter"] = (now - t_log) / max(n_steps, 1)
+            if images:  # every rank trains on its own batch
+                last_train["train/images_per_s"] = (
+                    cfg.train.batch_size * session.world_size / last_train["train/sec_per_iter"]
+                )
             t_log = now
             if session.tracker is not None:
                 session.tracker.log_metrics(last_train, step)
@@ -188,7 +205,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
 
         if is_eval:
             last_eval = _evaluate_and_checkpoint(
-                cfg, session, method, data, step, batch_rng, skips, last_train, curves, final
+                cfg, session, method, data, step, batches, skips, last_train, curves, final, precision
             )
             t_log = time.perf_counter()  # evaluation time is not training time
             heartbeat.reset(step)
@@ -217,11 +234,76 @@ class Heartbeat:
             self.reset(step)
 
 
-def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, skips, last_train, curves, final) -> dict:
+class Precision:
+    """train.precision / train.sampler_precision as context managers around the method's calls. bf16 runs
+    network passes under autocast; weights, optimizer state and chain states stay fp32 (the methods cast
+    network outputs that feed a chain or a loss), and samplers turn autocast off for their energy passes
+    unless sampler_precision is bf16 too."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.device_type = device.type
+        self.enabled = cfg.precision == "bf16"
+        self.sampler_bf16 = cfg.sampler_precision == "bf16"
+
+    def train(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        from ebm_scale.samplers.precision import sampler_autocast
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device_type, dtype=torch.bfloat16))
+        stack.enter_context(sampler_autocast(self.sampler_bf16))
+        return stack
+
+
+def _adapt_networks(cfg, method, images: bool) -> None:
+    """channels_last and torch.compile, applied in place so state_dict keys (checkpoints) are unchanged."""
+    for net in method.networks.values():
+        if cfg.channels_last and images:
+            net.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            net.compile()
+
+
+def _peak_memory_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _evaluate_and_checkpoint(
+    cfg, session, method, data, step, batches, skips, last_train, curves, final, precision
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="ebm_scale_ckpt_") as tmp:
         metrics: dict[str, float] = {"step": step, "diverged": 0}
         artifacts: list = []
-        if session.rank == 0:
+        images = data.spec.kind == "image"
+        if images:  # every rank samples its share and extracts its features; rank 0 gets the metrics
+            method.train(False)
+            # Per-rank evaluation streams: ranks must draw different samples (rank 0's stream is the one
+            # a single-worker run draws).
+            with evaluation_rng(cfg.seed + 7_777_777 * session.rank, step), precision.train():
+                from ebm_scale.metrics.images import evaluate_images
+
+                eval_metrics, artifacts = evaluate_images(
+                    method,
+                    data,
+                    cfg.eval,
+                    tmp + "/plots",
+                    step,
+                    run=cfg,
+                    rank=session.rank,
+                    world_size=session.world_size,
+                )
+            method.train(True)
+            peaks = gather_to_rank0(_peak_memory_gb(method.device))
+            if session.rank == 0:
+                for rank, peak in enumerate(peaks):
+                    if peak is not None:
+                        eval_metrics[f"system/peak_gpu_mem_gb/rank{rank}"] = peak
+                metrics.update(eval_metrics)
+                metrics.update(last_train)
+        elif session.rank == 0:
             method.train(False)
             with evaluation_rng(cfg.seed, step):
                 eval_metrics, artifacts = evaluate_toy(method, data, cfg.eval, tmp + "/plots", step, run=cfg)
@@ -231,27 +313,27 @@ def _evaluate_and_checkpoint(cfg, session, method, data, step, batch_rng, skips,
             method.train(True)
             eval_metrics.update(chain_metrics)
             artifacts += chain_plots
-            if cfg.eval.plots and any(steps for steps, _ in curves.values()):
-                artifacts.append(
-                    plot_series(
-                        curves,
-                        f"{tmp}/plots/curves_{step:06d}.png",
-                        f"{cfg.method.name} on {cfg.data.name}: over training",
-                    )
-                )
             metrics.update(eval_metrics)
             metrics.update(last_train)
+        if session.rank == 0 and cfg.eval.plots and any(steps for steps, _ in curves.values()):
+            artifacts.append(
+                plot_series(
+                    curves,
+                    f"{tmp}/plots/curves_{step:06d}.png",
+                    f"{cfg.method.name} on {cfg.data.name}: over training",
+                )
+            )
         # Evaluation drew from its own streams (evaluation_rng), so these are the training streams as the
         # next step finds them: a resumed run continues exactly. Every rank's own state is kept.
         per_rank = gather_to_rank0(
             {
                 "rng": rng_state(),
-                "batch_rng": batch_rng.get_state(),
+                "batches": batches.state_dict(),
                 "extra": method.extra_state(),
                 "skips": skips.state_dict(),
             }
         )
-        eval_only = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        eval_only = {k: v for k, v in metrics.items() if k.startswith(("eval/", "system/"))}
         checkpoint_dir = None
         if session.rank == 0:
             if session.tracker is not None:

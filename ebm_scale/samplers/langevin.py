@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ebm_scale.samplers.precision import energy_autocast
+
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
 
@@ -26,7 +28,8 @@ def energy_and_grad(energy_fn: EnergyFn, x: torch.Tensor, create_graph: bool) ->
     """
     # In x's dtype: under bf16 autocast the network returns bf16, but chain states, energies and the MH / loss
     # arithmetic on them stay in the chain's own precision (the gradient w.r.t. x already has x's dtype).
-    energy = energy_fn(x).to(x.dtype)
+    with energy_autocast(x):  # off under a bf16 run unless train.sampler_precision=bf16
+        energy = energy_fn(x).to(x.dtype)
     (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
     return energy, grad
 
