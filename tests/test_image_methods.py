@@ -166,3 +166,25 @@ def test_bf16_autocast_keeps_losses_finite_and_chains_fp32(name, tmp_path):
         assert not value.is_floating_point() or value.dtype == torch.float32, (key, value.dtype)
     for net in method.networks.values():  # autocast never touches the stored weights
         assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_vaebm_resnet_gets_its_data_dependent_init_on_the_first_batch(tmp_path):
+    # Paper 003 (appendix E): weight normalisation with data-dependent initialisation. After it, each conv's
+    # output over the first batch has zero mean and unit std per channel; lr 0 keeps the optimizer out of it.
+    shape = (3, 16, 16)
+    torch.manual_seed(0)
+    cfg = vaebm(tmp_path, shape)
+    cfg.optim.lr, cfg.sampler.steps = 0.0, 1
+    method = build_method(cfg, DataSpec(shape=shape, kind="image"), "cpu")
+    x = batch(shape, 16)
+    with torch.no_grad():
+        before = method.energy.stem(x)
+    assert not torch.allclose(before.std((0, 2, 3)), torch.ones(4), atol=0.1)
+    method.train_step(x)
+    with torch.no_grad():
+        after = method.energy.stem(x)
+    assert torch.allclose(after.mean((0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(after.std((0, 2, 3)), torch.ones(4), atol=1e-3)
+    g = method.energy.stem.parametrizations.weight.original0.clone()
+    method.train_step(batch(shape, 16))  # only the first batch initialises
+    assert torch.equal(g, method.energy.stem.parametrizations.weight.original0)

@@ -180,6 +180,8 @@ class Vaebm(Method):
         s = self.cfg.sampler
         x_pos = batch.to(self.device, non_blocking=True)
         n = x_pos.shape[0]
+        if self.iteration == 0 and hasattr(self.energy, "data_init"):
+            self._data_init(x_pos)
         self.iteration += 1
         eps_x = torch.randn(n, *self.spec.shape, device=self.device)
         if self.buffer is not None:
@@ -200,6 +202,14 @@ class Vaebm(Method):
         if self.buffer is not None:
             self.buffer.update(self.space.unpack(eps)[0])
         return {**self.energy_step(x_pos, self.to_data(eps)), **chain_metrics}
+
+    def _data_init(self, x_pos: torch.Tensor) -> None:
+        """vaebm_resnet: weight norm's data-dependent init on the first batch (paper 003, appendix E), in fp32
+        even under autocast (it sets scales from batch statistics); then every data-parallel rank takes rank
+        0's values, as the flow's actnorm does. A restored run (iteration > 0) never re-initialises."""
+        with torch.autocast(self.device.type, enabled=False):
+            self.energy.data_init(x_pos.float())
+        self.broadcast_parameters()
 
     def energy_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on E: contrastive ML with negatives x_neg, plus the regularizers. Separate from the
