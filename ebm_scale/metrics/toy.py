@@ -7,14 +7,13 @@ import hashlib
 import textwrap
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ebm_scale.data import ToyData
-from ebm_scale.metrics.chains import McmcEvalConfig
+from ebm_scale.metrics.config import EvalConfig  # re-exported: `from ebm_scale.metrics.toy import EvalConfig`
 from ebm_scale.metrics.likelihood import (
     DensityGrid,
     log_density_grid,
@@ -22,8 +21,7 @@ from ebm_scale.metrics.likelihood import (
     quadrature_log_likelihoods,
     split_by_mode,
 )
-from ebm_scale.metrics.sinkhorn import SINKHORN_COSTS, sinkhorn_distance
-from ebm_scale.schema import Config, knob
+from ebm_scale.metrics.sinkhorn import sinkhorn_distance
 
 TRUE_DENSITY = "true"  # the name the dataset's exact density is reported and drawn under
 
@@ -34,20 +32,6 @@ _DENSITY_METRICS = {
     "boundary_mass": "eval/boundary_mass/{}",
     "resolution_gap": "eval/resolution_gap/{}",
 }
-
-
-@dataclass
-class EvalConfig(Config):
-    PREFIX = "eval"
-
-    # model samples for Sinkhorn and scatter plots (and test points Sinkhorn compares to)
-    n_samples: int = knob(2000, ge=1)
-    sinkhorn_reg: float = knob(0.05, gt=0)
-    sinkhorn_cost: str = knob("sqeuclidean", choices=tuple(SINKHORN_COSTS), noun="cost")
-    sinkhorn_iters: int = knob(1000, ge=1)  # iterations at the target reg; time grows as iters · n_samples²
-    grid_size: int = knob(200, ge=3)  # quadrature grid per axis
-    plots: bool = True
-    mcmc: McmcEvalConfig = field(default_factory=McmcEvalConfig)  # long-run chain diagnostics (MCMC methods)
 
 
 def evaluate_toy(
