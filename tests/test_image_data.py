@@ -249,6 +249,7 @@ def test_a_missing_dataset_is_one_line_saying_where_and_how(tmp_path, monkeypatc
         raise AssertionError("download=false touched the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     for name in ("mnist", "fashion_mnist", "cifar10", "svhn", "celeba", "stacked_mnist"):
         with pytest.raises(ConfigError) as err:
             load_dataset(cfg(tmp_path / "nothing", name), seed=0)
@@ -304,3 +305,13 @@ def test_an_s3_root_is_copied_to_the_node_cache_once_and_read_from_there(tmp_pat
     torch.testing.assert_close(data.train_set[1][0], scaled(pixels("fashion_mnist", "train", 2, (28, 28))[1]))
     with pytest.raises(ConfigError, match="data.root: cannot fetch s3://"):
         load_dataset(cfg(s3.uri("absent/"), "fashion_mnist"), seed=0)
+
+
+def test_a_failed_download_is_a_config_error_naming_the_dataset(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(ConfigError, match=r"data.download: downloading mnist into .* failed"):
+        load_dataset(cfg(tmp_path, download=True), seed=0)

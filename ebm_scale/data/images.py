@@ -65,7 +65,11 @@ def find(name: str, root: Path, download: bool) -> Found:
     source = SOURCES[name]
     found = source.find(root)
     if found is None and download:
-        source.download(root)
+        try:
+            source.download(root)
+        except Exception as err:  # torchvision raises RuntimeError, URLError, OSError... for a failed download
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError("data.download", f"downloading {name} into {root} failed: {first_line}") from None
         found = source.find(root)
     if found is None:
         raise Missing(
