@@ -140,7 +140,10 @@ def _download(uri: str, bucket: str, key: str, target: Path) -> None:
                 raise RemoteError(f"{uri}: no such object or prefix")
             log.info("downloading %s (%d objects) to %s", uri, len(objects), target)
             for name in objects:
-                destination = temp / name[len(prefix) :]
+                relative = Path(name[len(prefix) :])
+                if relative.is_absolute() or ".." in relative.parts:  # a key must not write outside the cache
+                    raise RemoteError(f"{uri}: object key {name!r} leaves the prefix")
+                destination = temp / relative
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 transfer.download_file(bucket, name, str(destination))
     os.replace(temp, target)
