@@ -222,3 +222,16 @@ def test_the_composed_config_is_checked_once_at_compose_time():
     with pytest.raises(ConfigError) as err:  # Flow() does not re-validate: compose does, naming the full key
         compose(None, ["method=flow", "method.flow.coupling=spline"])
     assert err.value.key == "method.flow.coupling"
+
+
+def test_multi_scale_levels_factor_half_the_channels_out_and_keep_the_data_shape():
+    # 1×8×8 over 3 levels of 2 steps: squeeze → 4@4², split 2 off → squeeze → 8@2², split 4 off → 16@1².
+    flow = Flow((1, 8, 8), FlowConfig(arch="conv", levels=3, depth=2, hidden=8))
+    assert [m.loc.numel() for m in flow.modules() if isinstance(m, ActNorm)] == [4, 4, 8, 8, 16, 16]
+    z, _ = flow.inverse(torch.randn(5, 1, 8, 8))
+    assert z.shape == (5, 1, 8, 8) and flow.sample(3).shape == (3, 1, 8, 8)
+    # One level keeps the single-scale flow's state_dict layout (backbone files written before levels existed):
+    # layers.<3·step + (0 actnorm | 1 mixing | 2 coupling)>.
+    keys = Flow((2, 4, 4), FlowConfig(arch="conv", depth=2, hidden=8)).state_dict().keys()
+    assert {k.split(".")[1] for k in keys} == {str(i) for i in range(6)} and all(k.startswith("layers.") for k in keys)
+    assert {"layers.0.loc", "layers.1.lower", "layers.2.net.0.weight", "layers.5.net.4.bias"} <= set(keys)

@@ -30,6 +30,12 @@ def mle(backbone_dir, shape, kind="langevin"):
     )
 
 
+def mle_ode(backbone_dir, shape):
+    cfg = mle(backbone_dir, shape, kind="ode")  # the gradient-flow ODE and its density (Hutchinson's trace here)
+    cfg.sampler.horizon, cfg.sampler.rtol, cfg.sampler.atol = 0.05, 1e-3, 1e-3
+    return cfg
+
+
 def mle_generator_loss(backbone_dir, shape):
     cfg = mle(backbone_dir, shape, kind="euler")
     cfg.loss.generator_weight = 1.0
@@ -73,11 +79,11 @@ def stage1(kind, backbone_dir, shape) -> str:
     return save_backbone(str(backbone_dir), method.export_backbone())
 
 
-def nt_ebm(backbone_dir, shape, **fields):
+def nt_ebm(backbone_dir, shape, sampler_space="latent", **fields):
     return NtEbmConfig(
         backbone=stage1("flow", backbone_dir, shape),
         energy=EnergyNetConfig(arch="nt_ebm", channels=4),
-        sampler=NtEbmSamplerConfig(steps=2, leapfrog_steps=2, sample_steps=2),
+        sampler=NtEbmSamplerConfig(space=sampler_space, steps=2, leapfrog_steps=2, sample_steps=2),
         **fields,
     )
 
@@ -94,12 +100,14 @@ def vaebm(backbone_dir, shape, kind="langevin"):
 CONFIGS = {
     "mle": mle,
     "mle_generator_loss": mle_generator_loss,
+    "mle_ode": mle_ode,
     "diffebm": diffebm,
     "ddaebm": ddaebm,
     "flow": flow,
     "vae": vae,
     "nt_ebm": nt_ebm,
     "nt_ebm_nce": lambda backbone_dir, shape: nt_ebm(backbone_dir, shape, objective="nce"),
+    "nt_ebm_data_space": lambda backbone_dir, shape: nt_ebm(backbone_dir, shape, sampler_space="data"),
     "vaebm": vaebm,
     "vaebm_hmc": lambda backbone_dir, shape: vaebm(backbone_dir, shape, kind="hmc"),
 }
@@ -154,9 +162,19 @@ def test_bf16_autocast_keeps_losses_finite_and_chains_fp32(name, tmp_path):
     shape = (3, 16, 16)
     torch.manual_seed(0)
     method = build_method(CONFIGS[name](tmp_path / "backbone", shape), DataSpec(shape=shape, kind="image"), "cpu")
+    seen = set()  # the dtypes the networks' convs and linears computed in: autocast must really be on
+    hooks = [
+        m.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        for net in method.networks.values()
+        for m in net.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outs = [method.train_step(batch(shape)) for _ in range(2)]
         samples = method.sample(3)
+    for hook in hooks:
+        hook.remove()
+    assert torch.bfloat16 in seen
     for out in outs:
         for key, value in out.items():
             assert torch.isfinite(value), (key, value)

@@ -254,10 +254,8 @@ class Flow(nn.Module):
         # One flat list in the normalizing (x → z) order, `depth` steps (3 layers each) per level: a one-level
         # flow keeps the state_dict keys it always had.
         self.layers = nn.ModuleList(layers)
-        self.per_level = 3 * cfg.depth
-
-    def _level(self, i: int) -> nn.ModuleList:
-        return self.layers[i * self.per_level : (i + 1) * self.per_level]
+        per_level = 3 * cfg.depth  # plain lists of the same modules: no ModuleList slice built per call
+        self._levels = [layers[i * per_level : (i + 1) * per_level] for i in range(len(widths))]
 
     def _run(self, x: torch.Tensor, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """encode (x → z) or decode (z → x) through every level; z and x both have the data's shape."""
@@ -274,7 +272,7 @@ class Flow(nn.Module):
             h, parts = x, []
             for i in range(levels):
                 h = squeeze(h)
-                for layer in self._level(i):
+                for layer in self._levels[i]:
                     h, step = layer.encode(h)
                     logdet = logdet + step
                 if i < levels - 1:  # factor half the channels out as latent (Glow's split)
@@ -285,7 +283,7 @@ class Flow(nn.Module):
         for i in reversed(range(levels)):
             if i < levels - 1:
                 h = torch.cat([h, parts[i].to(h.dtype)], dim=1)
-            for layer in reversed(self._level(i)):
+            for layer in reversed(self._levels[i]):
                 h, step = layer.decode(h)
                 logdet = logdet + step
             h = unsqueeze(h)
