@@ -123,7 +123,9 @@ def test_loading_is_deterministic_and_caps_are_seeded_subsets(mnist_root):
     assert torch.equal(a.test_images(5), b.test_images(5))
     other = load_dataset(cfg(mnist_root, n_train=20, n_test=10), 4)
     assert not torch.equal(a.train_set.indices, other.train_set.indices)
+    rng_before = torch.get_rng_state()
     assert len(a.reference_images(1000)) == 20  # asking for more gives all there are
+    assert torch.equal(torch.get_rng_state(), rng_before)  # evaluation draws leave the training RNG alone
 
 
 def test_without_test_files_a_seeded_tenth_of_train_is_held_out(tmp_path):
@@ -315,3 +317,16 @@ def test_a_failed_download_is_a_config_error_naming_the_dataset(tmp_path, monkey
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     with pytest.raises(ConfigError, match=r"data.download: downloading mnist into .* failed"):
         load_dataset(cfg(tmp_path, download=True), seed=0)
+
+
+@pytest.mark.parametrize("image_size", [32, 12])
+def test_the_batched_in_memory_path_matches_torchvisions_pil_transform(tmp_path, no_md5_checks, image_size):
+    from ebm_scale.data.images import ImageSet
+
+    write_cifar10(tmp_path)
+    train = load_dataset(cfg(tmp_path, "cifar10", image_size=image_size), seed=0).train_set
+    assert train.pixels is not None
+    per_image = ImageSet(train.base, train.indices)  # no pixels: each image through the PIL transform
+    fast, slow = torch.stack(train.__getitems__(list(range(10)))), torch.stack([per_image[i] for i in range(10)])
+    assert fast.shape == slow.shape == (10, 3, image_size, image_size)
+    assert (fast - slow).abs().max() <= 1.01 / 127.5  # at most one grey level apart (rounding in the resize)

@@ -263,3 +263,15 @@ def labels_of(dataset: Dataset) -> Tensor | None:
         if hasattr(dataset, attr):
             return torch.as_tensor(getattr(dataset, attr), dtype=torch.long)
     return None
+
+
+def pixels_of(dataset: Dataset) -> Tensor | None:
+    """The whole split as a uint8 (N, C, H, W) tensor where torchvision holds it in memory (MNIST, CIFAR-10,
+    SVHN), else None (CelebA reads its files one by one). A view, not a copy, wherever the layout allows."""
+    if isinstance(dataset, torchvision.datasets.MNIST):
+        return dataset.data.unsqueeze(1)
+    if isinstance(dataset, torchvision.datasets.CIFAR10):
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # stored N, H, W, C
+    if isinstance(dataset, torchvision.datasets.SVHN):
+        return torch.from_numpy(dataset.data)  # already N, C, H, W
+    return None

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ebm_scale.data.config import DataConfig
-from ebm_scale.data.images import DERIVED, VALUE_RANGE, ImageData, Missing, find, open_splits, pick, stack
+from ebm_scale.data.images import DERIVED, VALUE_RANGE, ImageData, Missing, find, images_of, open_splits, pick, stack
 from ebm_scale.data.seeds import split_generators
 from ebm_scale.data.sources import SOURCES
 from ebm_scale.data.spec import DataSpec
@@ -38,7 +38,11 @@ class StackedDigits(Dataset):
         return len(self.triples)
 
     def __getitem__(self, i: int) -> Tensor:
-        return torch.cat([self.digits[int(j)] for j in self.triples[i]], dim=0)
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, items: list[int]) -> list[Tensor]:
+        digits = images_of(self.digits, self.triples[torch.as_tensor(items, dtype=torch.long)].flatten().tolist())
+        return [torch.cat(digits[3 * k : 3 * k + 3], dim=0) for k in range(len(items))]
 
 
 def stacked_labels(digit_labels: Tensor, triples: Tensor) -> Tensor:
