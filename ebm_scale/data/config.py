@@ -26,7 +26,9 @@ class DataConfig(Config):
     # subset of it (null = the whole split).
     n_train: int | None = knob(None, ge=1, note="null = toys 50000, images the whole split")
     n_test: int | None = knob(None, ge=1, note="null = toys 10000, images the whole split")
-    root: str = "data"  # images: a local folder or s3://bucket/prefix (copied once to a node-local cache)
+    # Images: a local folder, or s3://bucket/prefix, copied whole to a node-local cache once (so name the
+    # prefix that holds this dataset and its OOD sets, not a bucket of everything).
+    root: str = "data"
     download: bool = False  # images: let torchvision download a missing dataset into root (never otherwise)
     image_size: int | None = knob(None, ge=1, note="null = the dataset's native size")
     num_workers: int = knob(2, ge=0)  # DataLoader worker processes per rank (0 = load in the training process)
