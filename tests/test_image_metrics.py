@@ -115,6 +115,35 @@ def test_features_are_fp32_under_bf16_autocast():
     assert torch.equal(inside, net(x))
 
 
+class MeanPixelClasses(torch.nn.Module):
+    """5 classes by the image's mean pixel (the test images' means spread over about ±0.06)."""
+
+    def __init__(self, sharpness: float):
+        super().__init__()
+        self.sharpness, self.centres = sharpness, torch.linspace(-0.06, 0.06, 5)
+
+    def forward(self, x):
+        return -self.sharpness * (x.flatten(1).mean(dim=1, keepdim=True) - self.centres) ** 2
+
+
+class WithLogits(RandomConvFeatures):
+    """A feature network that also classifies (`logits`), as an Inception with its logits layer would."""
+
+    def __init__(self, confident: bool):
+        super().__init__(seed=0, size=8, widths=(4, 8))
+        self.logits = MeanPixelClasses(5e3 if confident else 0.0)
+
+
+def test_inception_score_when_the_network_has_logits(tmp_path):
+    data, cfg = TinyImages(), _cfg(tmp_path, plots=False)
+    flat, _ = evaluate_images(PoolMethod(_images(48, seed=5)), data, cfg, extractor=WithLogits(confident=False))
+    sharp, _ = evaluate_images(PoolMethod(_images(48, seed=5)), data, cfg, extractor=WithLogits(confident=True))
+    assert flat["eval/inception_score"] == pytest.approx(1.0)  # p(y|x) = p(y): no information
+    assert 1.5 < sharp["eval/inception_score"] <= 5.0  # confident, varied classes: up to the 5 classes
+    assert "eval/inception_score" not in evaluate_images(PoolMethod(_images(48, seed=5)), data, cfg,
+                                                         extractor=_small_net())[0]  # fmt: skip
+
+
 # --- OOD AUROC -------------------------------------------------------------------------------------------
 
 

