@@ -223,9 +223,9 @@ def test_ood_sets_are_shaped_like_the_data_and_missing_ones_are_skipped(tmp_path
     write_cifar10(tmp_path)
     write_mnist(tmp_path, size=28)
     ood = ("uniform", "constant", "flip", "mnist", "svhn")
-    data = load_dataset(cfg(tmp_path, "cifar10", ood=ood, n_ood=7), seed=0)
+    data = load_dataset(cfg(tmp_path, "cifar10", ood=ood), seed=0)
     with caplog.at_level(logging.WARNING):
-        sets = data.ood_images()
+        sets = data.ood_images(7)
     assert list(sets) == ["uniform", "constant", "flip", "mnist"] and "svhn" in caplog.text
     for name, x in sets.items():
         assert x.shape == (7, 3, 32, 32) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1, name
@@ -233,7 +233,7 @@ def test_ood_sets_are_shaped_like_the_data_and_missing_ones_are_skipped(tmp_path
     assert torch.equal(sets["mnist"][:, 0], sets["mnist"][:, 2])  # grey digits as RGB
     c = sets["constant"]
     assert torch.equal(c, c[:, :, :1, :1].expand_as(c))
-    assert torch.equal(sets["uniform"], data.ood_images()["uniform"])
+    assert torch.equal(sets["uniform"], data.ood_images(7)["uniform"])
 
 
 def test_ood_names_are_checked_when_composed():

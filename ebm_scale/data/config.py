@@ -33,8 +33,7 @@ class DataConfig(Config):
     image_size: int | None = knob(None, ge=1, note="null = the dataset's native size")
     num_workers: int = knob(2, ge=0)  # DataLoader worker processes per rank (0 = load in the training process)
     pin_memory: bool = True  # page-locked host batches (used only when training on CUDA)
-    ood: tuple[str, ...] = SYNTHETIC_OOD  # OOD sets for AUROC: the synthetic ones, or image dataset names
-    n_ood: int = knob(1000, ge=1)  # images per OOD set
+    ood: tuple[str, ...] = SYNTHETIC_OOD  # OOD sets for AUROC (eval.ood.n_images each): synthetic, or dataset names
 
     def __post_init__(self):
         self.ood = tuple(self.ood)  # OmegaConf hands tuples over as lists

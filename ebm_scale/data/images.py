@@ -9,6 +9,7 @@ test split, or a seeded tenth of train where the files on disk have no test spli
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,17 +230,26 @@ class ImageData:
         )
 
     def reference_images(self, n: int) -> Tensor:
-        """A fixed n training images (all of them if fewer), e.g. FID's reference statistics."""
-        return gather(self.train_set, n, self._generator(REFERENCE), self.cfg.num_workers)
+        """A fixed n training images (all of them if fewer), e.g. FID's reference statistics. Drawn with a
+        fixed seed, not the run's: trials with different seeds score against the same reference (and its
+        statistics, cached under `reference_key`, are computed once)."""
+        return gather(self.train_set, n, split_generators(0, REFERENCE + 1)[REFERENCE], self.cfg.num_workers)
+
+    @property
+    def reference_key(self) -> str:
+        """What the training split (and so the reference set) depends on: the files, the size, the cap and,
+        when the split is a seeded subset (n_train, or a held-out tenth of train), the seed."""
+        seeded = self.cfg.n_train is not None or "held out" in self.source
+        parts = f"{self.source}|{self.spec.shape}|n_train={self.cfg.n_train}|seed={self.seed if seeded else '-'}"
+        return hashlib.sha1(parts.encode()).hexdigest()[:10]
 
     def test_images(self, n: int) -> Tensor:
         """A fixed n held-out images (all of them if fewer)."""
         return gather(self.test_set, n, self._generator(TEST), self.cfg.num_workers)
 
-    def ood_images(self, n: int | None = None) -> dict[str, Tensor]:
-        """n images (default data.n_ood) of each configured OOD set, shaped like this dataset's. A dataset
-        name whose files are not under data.root is skipped with a warning."""
-        n = n or self.cfg.n_ood
+    def ood_images(self, n: int) -> dict[str, Tensor]:
+        """n images of each configured OOD set, shaped like this dataset's. A dataset name whose files are
+        not under data.root is skipped with a warning."""
         channels, size = self.spec.shape[0], self.spec.shape[-1]
         out: dict[str, Tensor] = {}
         for i, name in enumerate(self.cfg.ood):

@@ -228,7 +228,10 @@ def stats_path(data, extractor: nn.Module, cfg: FidConfig) -> Path:
     root = _cache_root() / "fid_stats" if cfg.stats_dir == "auto" else Path(cfg.stats_dir).expanduser()
     shape = "x".join(map(str, data.spec.shape))
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(data.name))
-    return root / f"{name}_{shape}_n{cfg.n_reference}_{extractor.identity}.pt"
+    # reference_key: the split's files, cap and seed (a StackedMNIST built from MNIST and one from
+    # Fashion-MNIST share a name, not statistics)
+    key = getattr(data, "reference_key", "")
+    return root / f"{name}_{shape}_{key}_n{cfg.n_reference}_{extractor.identity}.pt"
 
 
 def _reference_statistics(fid, data, extractor, cfg: FidConfig, device, rank: int, world_size: int):
