@@ -271,6 +271,15 @@ class EbmScaleConfig(Config):
             s.scheduler.kind != "asha" or s.scheduler.grace_period <= self.train.iterations,
             f"({s.scheduler.grace_period}) exceeds train.iterations ({self.train.iterations})",
         )
+        # The FID metric's name follows its extractor: a sweep ranking on the other name would see no metric.
+        fd = {"inception": "eval/fid", "random": "eval/fd_random"}
+        other = {v: k for k, v in fd.items()}.get(s.metric)
+        yield Rule(
+            "search.metric",
+            other is None or other == self.eval.fid.extractor,
+            f"{s.metric} is what eval.fid.extractor={other} reports, but the extractor is "
+            f"{self.eval.fid.extractor} (which reports {fd[self.eval.fid.extractor]})",
+        )
         yield Rule(
             "search.space",
             bool(s.space) or s.num_samples == 1,

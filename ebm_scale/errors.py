@@ -5,12 +5,16 @@ class ConfigError(ValueError):
     """A config value that cannot work. Always names the dotted key and, where finite, the allowed values."""
 
     def __init__(self, key: str, message: str, allowed=None):
-        self.key = key
-        self.allowed = allowed
+        self.key, self.message, self.allowed = key, message, allowed
         text = f"{key}: {message}"
         if allowed is not None:
             text += f" (allowed: {', '.join(map(str, allowed))})"
         super().__init__(text)
+
+    def __reduce__(self):
+        # Raised in a Ray worker, the error is pickled to reach the driver: rebuild it from its own fields
+        # (the default would call __init__ with the formatted text alone and fail with a TypeError).
+        return (type(self), (self.key, self.message, self.allowed))
 
 
 def require(condition: bool, key: str, message: str, allowed=None) -> None:

@@ -146,3 +146,11 @@ def test_a_search_value_must_fit_the_field():
         with pytest.raises(ConfigError) as err:
             compose("quickstart", [f"search.space={space}"])
         assert err.value.key == key, (space, str(err.value))
+
+
+def test_config_error_survives_pickling_as_it_does_from_a_ray_worker():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("data.root", "fashion_mnist not found under /x", ["a", "b"])))
+    assert isinstance(err, ConfigError) and err.key == "data.root" and err.allowed == ["a", "b"]
+    assert str(err) == "data.root: fashion_mnist not found under /x (allowed: a, b)"

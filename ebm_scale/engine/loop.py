@@ -39,6 +39,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifacts(self, paths: list, artifact_path: str) -> None: ...
 
+    # Optional: set_tags(tags: dict[str, str]) (MLflow's tracker has it; a folder tracker need not).
+
 
 class Session(Protocol):
     """What the loop needs from whoever runs it."""
@@ -53,6 +55,9 @@ class Session(Protocol):
 
     # Optional: `heartbeat(step, iters_per_s)` at most every `heartbeat_s` seconds between evaluations (a long
     # run shows it is alive); `stop_after(step) -> bool`: end the run at this step (an experiment's budget).
+
+
+DATA_SOURCE_TAG = "ebm_scale.data_source"
 
 
 class Diverged(RuntimeError):
@@ -108,7 +113,10 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible to this worker")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    # NCCL's object collectives (evaluation gathers) run on the current device: make it this rank's.
+    torch.cuda.set_device(device)
+    return device
 
 
 def _all_finite(values: dict[str, float], world_size: int) -> bool:
@@ -130,6 +138,10 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
     method = build_method(cfg.method, data.spec, device)
     method.broadcast_parameters()
     images = data.spec.kind == "image"
+    if images:  # this worker may be on a node without the weights: fail now, not at the first evaluation
+        from ebm_scale.metrics.images import check_fid_weights
+
+        check_fid_weights(cfg)
     _adapt_networks(cfg.train, method, images)
     precision = Precision(cfg.train, device)
     # Per-rank streams from here on: ranks draw different batches and chains.
@@ -157,6 +169,10 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
             skips.load_state_dict(mine.get("skips"))
         if session.tracker is not None:
             session.tracker.log_metrics({"resumed_from_step": float(start)}, start)
+
+    if images and session.tracker is not None and hasattr(session.tracker, "set_tags"):
+        # Where the images came from (files, split, e.g. "stacked from fashion_mnist at …"): shown with the run.
+        session.tracker.set_tags({DATA_SOURCE_TAG: data.source})
 
     accumulator = MetricAccumulator()
     curves: dict[str, tuple[list, list]] = {k: ([], []) for k in method.curve_keys}  # for the curves PNG

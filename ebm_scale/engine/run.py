@@ -17,7 +17,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 from ebm_scale.config import EbmScaleConfig, flatten, to_container
-from ebm_scale.data import load_dataset
+from ebm_scale.data import dataset_spec, load_dataset
 from ebm_scale.engine import tracking
 from ebm_scale.engine.backbones import backbone_kind, resolve_backbone, stage1_config
 from ebm_scale.engine.loop import train
@@ -103,7 +103,7 @@ def check_given_backbone(cfg: EbmScaleConfig) -> None:
     """A given backbone must exist and fit the method and the data (ConfigError on `method.backbone`)."""
     kind = backbone_kind(cfg)
     if kind is not None and cfg.method.backbone:
-        shape = load_dataset(cfg.data, cfg.seed).spec.shape
+        shape = dataset_spec(cfg.data).shape
         check_backbone(resolve_backbone(cfg.method.backbone, cfg.tracking.resolved_uri()), kind, shape)
 
 
@@ -141,8 +141,14 @@ def pretrain_backbone(cfg: EbmScaleConfig, printer: Printer = print) -> str:
 
 
 def preflight(cfg: EbmScaleConfig) -> None:
-    """What can fail before anything is recorded: the tracking server, a given backbone."""
+    """What can fail before anything is recorded: the tracking server, an image dataset that is not where
+    data.root says, FID weights that are missing, a given backbone."""
     tracking.check_reachable(cfg.tracking.resolved_uri())
+    if dataset_spec(cfg.data).kind == "image":
+        from ebm_scale.metrics.images import check_fid_weights
+
+        load_dataset(cfg.data, cfg.seed)  # finds (and for s3:// roots caches) the files, reads the index only
+        check_fid_weights(cfg)
     check_given_backbone(cfg)
 
 

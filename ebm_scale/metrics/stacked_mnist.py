@@ -161,13 +161,17 @@ def mode_metrics(modes: Tensor) -> dict[str, float]:
     }
 
 
-def stacked_mnist_metrics(samples: Tensor, classifier: DigitClassifier) -> dict[str, float]:
-    """`eval/modes_covered` and `eval/kl_uniform` of (n, 3, H, W) samples in [-1, 1] (N_SAMPLES of them, ideally)."""
+def sample_modes(samples: Tensor, classifier: DigitClassifier) -> Tensor:
+    """The mode (0..999) of each (n, 3, H, W) sample in [-1, 1]: its three channels' digits."""
     if samples.ndim != 4 or samples.shape[1] != 3:
         raise ValueError(f"StackedMNIST samples are (n, 3, H, W); got {tuple(samples.shape)}")
     n, _, height, breadth = samples.shape
-    digits = predict_digits(classifier, samples.reshape(n * 3, 1, height, breadth)).reshape(n, 3)
-    return mode_metrics(mode_labels(digits))
+    return mode_labels(predict_digits(classifier, samples.reshape(n * 3, 1, height, breadth)).reshape(n, 3))
+
+
+def stacked_mnist_metrics(samples: Tensor, classifier: DigitClassifier) -> dict[str, float]:
+    """`eval/modes_covered` and `eval/kl_uniform` of (n, 3, H, W) samples in [-1, 1] (N_SAMPLES of them, ideally)."""
+    return mode_metrics(sample_modes(samples, classifier))
 
 
 def stack_digits(
