@@ -205,11 +205,21 @@ class PendingTracker:
     def __init__(self, uri: str, opening: Future, async_logging: bool):
         self.uri, self.opening, self.async_logging = uri, opening, async_logging
         self._tracker = None
+        self._tags: dict[str, str] = {}
 
     def _ready(self) -> tracking.MlflowTracker:
         if self._tracker is None:
             self._tracker = tracking.MlflowTracker(self.uri, self.opening.result()[1], self.async_logging)
+            if self._tags:
+                self._tracker.set_tags(self._tags)
         return self._tracker
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Held until the run is open (the loop sets tags before its first step: it must not wait for MLflow)."""
+        if self._tracker is None:
+            self._tags.update(tags)
+        else:
+            self._tracker.set_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._ready().log_metrics(metrics, step)
