@@ -235,3 +235,13 @@ def test_validation_lists_allowed_values():
     with pytest.raises(ConfigError) as info:
         MleConfig(sampler=MleSamplerConfig(kind="hmc")).validate()
     assert all(name in str(info.value) for name in ("langevin", "euler", "ode"))
+
+
+def test_nfe_counts_the_evaluation_chain_steps():
+    from ebm_scale.data.spec import DataSpec
+    from ebm_scale.methods.mle import Mle, MleConfig, MleSamplerConfig
+
+    spec = DataSpec(shape=(2,))
+    assert Mle(MleConfig(sampler=MleSamplerConfig(steps=7)), spec, "cpu").nfe == 7
+    assert Mle(MleConfig(sampler=MleSamplerConfig(steps=7, sample_steps=11)), spec, "cpu").nfe == 11
+    assert Mle(MleConfig(sampler=MleSamplerConfig(kind="ode")), spec, "cpu").nfe is None

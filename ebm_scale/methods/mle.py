@@ -96,6 +96,12 @@ class Mle(Method):
         self.chain_init = CHAIN_INITS[s.init](spec.shape, self.device, **chain_options.get(s.init, {}))
 
     @property
+    def nfe(self) -> int | None:
+        """Energy gradients per sample at evaluation: one per Langevin / Euler step; None for the adaptive ODE."""
+        s = self.cfg.sampler
+        return None if s.kind == "ode" else (s.sample_steps or s.steps)
+
+    @property
     def energy(self) -> torch.nn.Module:
         return self.networks["energy"]
 
