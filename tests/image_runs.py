@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from image_formats import skip_md5_checks, write_celeba, write_cifar10, write_mn
 
 from ebm_scale.methods.mle import Mle, MleConfig
 from ebm_scale.methods.registry import METHODS, register_method
+from ebm_scale.schema import knob
 
 TESTS = str(Path(__file__).parent)  # on the workers' PYTHONPATH, for the hook and image_formats
 # The dataset each named image sweep trains on.
@@ -89,12 +91,17 @@ def fingerprint(images: torch.Tensor) -> list[int]:
     return [zlib.crc32(row.numpy().tobytes()) for row in flat]
 
 
+@dataclass
+class ShardProbeConfig(MleConfig):
+    name: str = knob("shard_probe", choices=("shard_probe",), noun="method")
+
+
 class ShardProbe(Mle):
     """`mle`, remembering the fingerprint of every training image it was handed, kept in extra_state (so the
     loop's checkpoint holds each rank's list under per_rank[rank]["extra"]["seen"])."""
 
     name = "shard_probe"
-    config_class = MleConfig
+    config_class = ShardProbeConfig
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
