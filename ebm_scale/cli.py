@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _compose(args.sweep, args.overrides)
             print(yaml.safe_dump(to_container(cfg), sort_keys=False).rstrip())
             print(
-                f"\nOK: {args.sweep or 'config'} is valid ({cfg.search.num_samples} trial(s) of "
+                f"\nOK: {args.sweep or 'config'} is valid ({cfg.search.num_trials} trial(s) of "
                 f"{cfg.method.name} on {cfg.data.name}; {time.perf_counter() - t0:.1f} s to check)"
             )
             return 0

@@ -129,6 +129,15 @@ class SearchConfig(Config):
     space: Any = None  # None = {} (no search)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
+    @property
+    def num_trials(self) -> int:
+        """Trials the sweep runs: Tune repeats every grid combination num_samples times."""
+        n = self.num_samples
+        for spec in self.space.values():
+            ((name, args),) = spec.items()
+            n *= len(args) if name == "grid" else 1
+        return n
+
     def rules(self):
         yield Rule(
             "space",

@@ -281,7 +281,7 @@ def run_sweep(
     param_space = tune_search_space(cfg.search.space)
     callback = TrialOutcomes(ctx, cfg.search.metric, cfg.train.iterations, printer)
     printer(
-        f"sweep {cfg.name}: {cfg.search.num_samples} trial(s) of {cfg.method.name} on {cfg.data.name}, "
+        f"sweep {cfg.name}: {cfg.search.num_trials} trial(s) of {cfg.method.name} on {cfg.data.name}, "
         f"{concurrency} at a time, {cfg.train.iterations} iterations each "
         f"({'in-process' if cfg.scaling.num_workers == 0 else f'{cfg.scaling.num_workers}-worker TorchTrainer'})"
     )
