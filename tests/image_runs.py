@@ -65,9 +65,14 @@ def worker_setup() -> None:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int = 2):
-    """A local Ray whose workers run `worker_setup`; `ebm-scale train/sweep` join it instead of starting one."""
+def local_ray(num_cpus: int = 2, cache: str | os.PathLike | None = None):
+    """A local Ray whose workers run `worker_setup` (with EBM_SCALE_CACHE = `cache` when given);
+    `ebm-scale train/sweep` join it instead of starting one."""
     import ray
+
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))}
+    if cache is not None:
+        env["EBM_SCALE_CACHE"] = str(cache)
 
     ray.init(
         num_cpus=num_cpus,
@@ -76,7 +81,7 @@ def local_ray(num_cpus: int = 2):
         log_to_driver=False,  # as ebm-scale's own Ray: a failed trial's error is printed by the sweep
         runtime_env={
             "worker_process_setup_hook": "image_runs.worker_setup",
-            "env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))},
+            "env_vars": env,
         },
     )
     try:

@@ -85,9 +85,10 @@ METHODS = {
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for this module's TorchTrainer run and sweeps, its workers set up by image_runs."""
-    with image_runs.local_ray(num_cpus=2):
+def ray_cluster(tmp_path_factory):
+    """One local Ray for this module's TorchTrainer run and sweeps, its workers set up by image_runs and
+    caching (FID statistics, backbones) in a folder of their own, never the user's cache."""
+    with image_runs.local_ray(num_cpus=2, cache=tmp_path_factory.mktemp("ray_cache")):
         yield
 
 
