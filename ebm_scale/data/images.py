@@ -90,6 +90,17 @@ class ImageSet(Dataset):
 
     def __init__(self, base: Dataset, indices: Tensor, pixels: Tensor | None = None, size: int | None = None):
         self.base, self.indices, self.pixels, self.size = base, indices, pixels, size
+        self._resized: Tensor | None = None  # the split's pixels at `size`, made on first use
+
+    def _split_pixels(self) -> Tensor:
+        """This split's uint8 pixels at the configured size. Resized once, not per batch: the per-batch resize
+        was over half of a batch's cost (docs/performance.md), and the resized split is small (60k × 32² = 61 MB)."""
+        if self._resized is None:
+            split = self.pixels[self.indices]
+            if self.size is not None and split.shape[-1] != self.size:
+                split = resize(split, [self.size, self.size], antialias=True)  # uint8 in, uint8 out, as PIL's
+            self._resized = split
+        return self._resized
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -102,9 +113,7 @@ class ImageSet(Dataset):
     def __getitems__(self, items: list[int]) -> list[Tensor]:
         if self.pixels is None:
             return [self[i] for i in items]
-        batch = self.pixels[self.indices[torch.as_tensor(items, dtype=torch.long)]]
-        if self.size is not None and batch.shape[-1] != self.size:
-            batch = resize(batch, [self.size, self.size], antialias=True)  # uint8 in, uint8 out, as PIL's
+        batch = self._split_pixels()[torch.as_tensor(items, dtype=torch.long)]
         return list((batch.float() / 127.5 - 1.0).unbind(0))
 
 
