@@ -131,8 +131,8 @@ def test_every_method_trains_and_evaluates_on_images_in_process(method, tmp_path
     args = [f"method={method}", f"data={dataset}", f"data.root={root}", *SHORT, *overrides, *store_args]
     backbone = []
     if method in ("nt_ebm", "vaebm"):
-        # The stage-1 run the engine starts for an empty method.backbone, handed over as a local file: an
-        # in-process run does not resolve a runs:/ reference itself (the xfail test below).
+        # The stage-1 run the engine starts for an empty method.backbone, handed over as a local file (the
+        # runs:/ reference an empty backbone becomes is the test below).
         ref = pretrain_backbone(compose(None, args, single_run=True))
         backbone = [f"method.backbone={resolve_backbone(ref, uri)}"]
     assert main(["train", *args, *backbone]) == 0
@@ -146,19 +146,13 @@ def test_every_method_trains_and_evaluates_on_images_in_process(method, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="engine/run.py _in_process trains with method.backbone still runs:/<id>/backbone, unresolved "
-    "(launch.py's trials and workers call _localize_backbone first)",
-)
 def test_an_in_process_two_stage_run_pretrains_its_backbone(tmp_path, stores, monkeypatch, capsys):
     image_runs.skip_md5_checks(monkeypatch)
     dataset, overrides = METHODS["vaebm"]
     root = image_runs.write_dataset(dataset, tmp_path / "data", n_train=64, n_test=24)
     uri, store_args = stores
     code = main(["train", "method=vaebm", f"data={dataset}", f"data.root={root}", *SHORT, *overrides, *store_args])
-    assert "no backbone file at 'runs:/" not in capsys.readouterr().out  # the bug this test is marked for
+    assert "no backbone file at 'runs:/" not in capsys.readouterr().out  # the reference reached the loop unresolved
     assert code == 0
     client, runs = _runs(uri)
     (run,) = [r for r in runs if r.data.params["method.name"] == "vaebm"]

@@ -248,12 +248,21 @@ def _in_process(cfg, uri, opening: Future, run_dir, printer):
     session = LocalSession(tracker, run_dir, cfg, printer)
     error = None
     try:
-        train(cfg, session)
+        # The loop loads a backbone from a local file; the run's params keep the reference (runs:/…, s3://…).
+        train(_with_local_backbone(cfg, uri), session)
     except Exception as err:  # recorded as the run's outcome, as a trial's exception is
         error = err
     finally:
         tracker.flush()
     return session.last, (session.checkpoints[-1] if session.checkpoints else None), error
+
+
+def _with_local_backbone(cfg: EbmScaleConfig, uri: str) -> EbmScaleConfig:
+    if backbone_kind(cfg) is None or not cfg.method.backbone:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.method.backbone = resolve_backbone(cfg.method.backbone, uri)
+    return cfg
 
 
 class RunWatcher:
