@@ -54,7 +54,8 @@ class TrainConfig(Config):
     max_consecutive_skips: int = knob(50, ge=1)
     # GPU efficiency, the same code on CPU (CPU autocast is bf16 too, so the tests run this path).
     # bf16: network passes under torch.autocast; parameters, optimizer state and chain states stay fp32.
-    precision: str = knob("fp32", choices=("fp32", "bf16"), noun="precision")
+    # auto: bf16 on CUDA, fp32 on CPU (where bf16 autocast runs several times slower without native bf16).
+    precision: str = knob("fp32", choices=("fp32", "bf16", "auto"), noun="precision")
     # MCMC / ODE energy evaluations inside samplers: fp32 by default even under precision=bf16, since a
     # chain's many small gradient steps accumulate bf16's rounding; bf16 trades that for speed.
     sampler_precision: str = knob("fp32", choices=("fp32", "bf16"), noun="sampler precision")

@@ -56,3 +56,8 @@ def test_energy_and_grad_gives_energies_in_the_chains_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16), sampler_autocast(True):
         energy, grad = energy_and_grad(net, x, create_graph=False)
     assert net.seen == [torch.bfloat16] and energy.dtype == torch.float32 and grad.dtype == torch.float32
+
+
+def test_auto_is_bf16_on_cuda_and_fp32_on_cpu():
+    assert not Precision(Settings("auto", "fp32"), torch.device("cpu")).enabled
+    assert Precision(Settings("auto", "fp32"), torch.device("cuda", 0)).enabled

@@ -258,7 +258,7 @@ class Precision:
 
     def __init__(self, cfg, device: torch.device):
         self.device_type = device.type
-        self.enabled = cfg.precision == "bf16"
+        self.enabled = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.sampler_bf16 = cfg.sampler_precision == "bf16"
 
     def train(self):
