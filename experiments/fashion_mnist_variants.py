@@ -92,7 +92,8 @@ def summarise(uri: str, out: Path) -> None:
                 local = client.download_artifacts(run.info.run_id, grids[-1], tmp)
                 shutil.copy(local, out / f"{name}_{Path(grids[-1]).name}")
     ax_fid.set(xlabel="iteration", ylabel="FID (300 samples vs 1000 training images)", title="FID")
-    ax_gap.set(xlabel="iteration", ylabel="mean E(data) − mean E(negatives)", title="energy gap")
+    ax_gap.set(xlabel="iteration", ylabel="mean E(data) − mean E(negatives)", title="energy gap (symlog)")
+    ax_gap.set_yscale("symlog")  # a diverging run's gap is orders of magnitude beyond a stable one's
     for ax in (ax_fid, ax_gap):
         ax.legend()
     fig.tight_layout()
