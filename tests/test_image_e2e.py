@@ -193,6 +193,7 @@ def test_two_torch_trainer_ranks_read_disjoint_shards(tmp_path, stores, ray_clus
     assert seen[0] | seen[1] == everything
 
 
+@pytest.mark.slow  # ~14 s; the default suite reads an s3:// root through the data layer (test_image_data.py)
 def test_an_s3_data_root_trains_from_the_node_cache(tmp_path, stores, s3):
     uri, store_args = stores  # after s3: EBM_SCALE_CACHE is this test's
     local = image_runs.write_dataset("mnist", tmp_path / "upload", n_train=64, n_test=16)
