@@ -33,6 +33,7 @@ from ebm_scale.methods.backbone import save_backbone
 from ebm_scale.metrics.chains import evaluate_chains
 from ebm_scale.metrics.mcmc import plot_series
 from ebm_scale.metrics.toy import evaluate_toy
+from ebm_scale.samplers.precision import sampler_autocast
 
 
 class Tracker(Protocol):
@@ -264,8 +265,6 @@ class Precision:
     def train(self):
         if not self.enabled:
             return contextlib.nullcontext()
-        from ebm_scale.samplers.precision import sampler_autocast
-
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(self.device_type, dtype=torch.bfloat16))
         stack.enter_context(sampler_autocast(self.sampler_bf16))
