@@ -231,3 +231,17 @@ def test_smoke_sweep_runs_two_trials_end_to_end(sweep, tmp_path, stores, monkeyp
             _check_evaluated(client, run, [5, 10])
     (parent,) = [r for r in runs if r.data.tags.get(KIND_TAG) == "sweep"]
     assert "best/eval/fd_random" in parent.data.metrics
+
+
+@pytest.mark.slow  # inductor compiles the conv energy's forward and backward: about a minute on 2 cores
+def test_train_compile_compiles_the_energy_in_place_and_trains(tmp_path, stores):
+    root = image_runs.write_dataset("mnist", tmp_path / "data", n_train=64, n_test=24)
+    uri, store_args = stores
+    args = ["method=mle", "data=mnist", f"data.root={root}", *SHORT, *METHODS["mle"][1], *store_args]
+    # noise-free chains without the generator loss: compiled graphs support no double backward
+    overrides = ["train.compile=true", "method.sampler.noise_scale=0", "method.loss.generator_weight=0"]
+    assert main(["train", *args, *overrides]) == 0
+    client, runs = _runs(uri)
+    (run,) = runs
+    assert run.data.params["train.compile"] == "True"
+    _check_evaluated(client, run, [2])
