@@ -211,9 +211,14 @@ def _mode_classifier(data, device: torch.device):
     by the split's fingerprint, so MNIST- and Fashion-MNIST-built StackedMNIST each get their own)."""
     if not getattr(data, "num_modes", None) or not hasattr(data, "digit_images"):
         return None
-    images, labels = data.digit_images(len(data.digits_train))
     key = f"{data.name}_{getattr(data, 'reference_key', '')}"
-    return digit_classifier(images, labels, cache_key=key).to(device)
+    if (key, str(device)) not in _CLASSIFIERS:  # once per process: not the digits' stacking at every evaluation
+        images, labels = data.digit_images(len(data.digits_train))
+        _CLASSIFIERS[key, str(device)] = digit_classifier(images, labels, cache_key=key).to(device)
+    return _CLASSIFIERS[key, str(device)]
+
+
+_CLASSIFIERS: dict[tuple[str, str], nn.Module] = {}
 
 
 def _fp32(device: torch.device):
