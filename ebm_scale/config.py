@@ -65,6 +65,9 @@ class TrainConfig(Config):
     compile: bool = False
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
+
+
 @dataclass
 class ScalingConfig(Config):
     """How one trial runs. num_workers 0 = in the Tune trial's own process; >= 1 = a TorchTrainer job."""
@@ -79,21 +82,52 @@ class ScalingConfig(Config):
     backend: str = knob("auto", choices=("auto", "gloo", "nccl"), noun="backend")  # auto: nccl on GPU, else gloo
     collective_timeout_s: int = knob(600, ge=1)  # a hung all-reduce fails (and is retried) instead of blocking
     max_failures: int = knob(1, ge=0)  # retries of a crashed trial, from its last checkpoint
+    # How a trial's workers spread over nodes: SPREAD puts them on different nodes where it can (STRICT_: must).
+    placement_strategy: str = knob("PACK", choices=PLACEMENT_STRATEGIES, noun="placement strategy")
+    accelerator_type: str | None = None  # e.g. A100, H100: only nodes with that accelerator take the workers
+    # Custom Ray resources the trial's driver holds besides driver_cpus, e.g. {trial_driver: 1} to put drivers on
+    # a head node started with CPU 0 and that resource (the shipped cluster configs): the head then trains nothing.
+    driver_resources: Any = None  # None = {}
 
     def rules(self):
         yield Rule("backend", not (self.backend == "nccl" and not self.use_gpu), "nccl needs scaling.use_gpu=true")
+        resources = self.driver_resources if self.driver_resources is not None else {}
+        yield Rule(
+            "driver_resources",
+            isinstance(resources, dict)
+            and all(
+                isinstance(k, str) and k not in ("CPU", "GPU", "memory") and isinstance(v, (int, float)) and v >= 0
+                for k, v in resources.items()
+            ),
+            "must map custom resource names to amounts >= 0, e.g. {trial_driver: 1} "
+            f"(CPUs and GPUs have their own keys), got {resources!r}",
+        )
+        yield Rule(
+            "placement_strategy",
+            self.num_workers >= 1 or self.placement_strategy == "PACK",
+            "places a TorchTrainer's workers: set scaling.num_workers >= 1",
+        )
         yield Rule(
             "use_gpu",
             not (self.use_gpu and self.num_workers == 0),
             "GPU trials run as TorchTrainer jobs: set scaling.num_workers >= 1",
         )
 
+    def driver_bundle(self) -> dict[str, float]:
+        """What the trial's driver process holds (Tune's with_resources)."""
+        cpus = max(self.driver_cpus, 1e-3) if self.num_workers == 0 else self.driver_cpus
+        return {"CPU": cpus, **{k: float(v) for k, v in (self.driver_resources or {}).items()}}
+
     def trial_resources(self) -> dict[str, float]:
         """Logical resources one trial holds at once: its driver plus its workers."""
+        need = self.driver_bundle()
         if self.num_workers == 0:
-            return {"CPU": max(self.driver_cpus, 1e-3)}
+            return need
         gpus = self.num_workers * self.gpus_per_worker if self.use_gpu else 0.0
-        return {"CPU": self.driver_cpus + self.num_workers * self.cpus_per_worker, "GPU": gpus}
+        need = {**need, "CPU": need["CPU"] + self.num_workers * self.cpus_per_worker, "GPU": gpus}
+        if self.accelerator_type:  # Ray's own marker resource: each worker asks for 0.001 of it
+            need[f"accelerator_type:{self.accelerator_type}"] = 0.001 * self.num_workers
+        return need
 
 
 SCHEDULERS = ("asha", "fifo")

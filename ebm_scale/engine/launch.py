@@ -43,7 +43,15 @@ def how_many_fit(cfg: EbmScaleConfig, cluster: dict[str, float], need: dict[str,
         if amount <= 0:
             continue
         if have + 1e-9 < amount:
-            key = "scaling.use_gpu" if resource == "GPU" and have == 0 else "scaling.num_workers"
+            if resource.startswith("accelerator_type:"):
+                raise ConfigError(
+                    "scaling.accelerator_type",
+                    f"no node of the Ray cluster has a {resource.split(':', 1)[1]} accelerator",
+                )
+            if resource in (cfg.scaling.driver_resources or {}):
+                key = "scaling.driver_resources"
+            else:
+                key = "scaling.use_gpu" if resource == "GPU" and have == 0 else "scaling.num_workers"
             raise ConfigError(
                 key,
                 f"one run needs {amount:g} {resource} (driver {cfg.scaling.driver_cpus:g} CPU + "
@@ -205,7 +213,13 @@ def torch_trainer(cfg: EbmScaleConfig, name: str, run_id: str, context: TrialCon
         train_worker,
         train_loop_config={"config": to_container(cfg), "context": context, "run_id": run_id},
         torch_config=TorchConfig(backend=backend, timeout_s=sc.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=sc.placement_strategy,
+            accelerator_type=sc.accelerator_type,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=os.path.join(context.storage_path, "train_runs")

@@ -238,8 +238,9 @@ def _join_cluster(cfg: EbmScaleConfig) -> None:
     from ebm_scale.engine.launch import how_many_fit, init_ray
 
     init_ray()
-    need = dict(cfg.scaling.trial_resources())
-    need["CPU"] -= cfg.scaling.driver_cpus
+    driver = cfg.scaling.driver_bundle()
+    need = {k: v for k, v in cfg.scaling.trial_resources().items() if k == "CPU" or k not in driver}
+    need["CPU"] -= driver["CPU"]
     how_many_fit(cfg, ray.cluster_resources(), need)
 
 

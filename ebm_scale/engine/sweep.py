@@ -276,7 +276,7 @@ def run_sweep(
         async_logging=cfg.tracking.async_logging,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, context=ctx), {"CPU": cfg.scaling.driver_cpus}
+        tune.with_parameters(run_trial, base=base, context=ctx), cfg.scaling.driver_bundle()
     )
     param_space = tune_search_space(cfg.search.space)
     callback = TrialOutcomes(ctx, cfg.search.metric, cfg.train.iterations, printer)
