@@ -349,7 +349,8 @@ def test_kuberay_exposes_no_service_outside_the_cluster(manifest):
 def test_kuberay_token_auth_from_a_secret(manifest):
     spec = manifest["spec"]
     assert spec["authOptions"]["mode"] == "token" and spec["authOptions"]["secretName"]
-    for container in ray_containers(spec):
+    autoscaler = {"name": "autoscaler", **spec["autoscalerOptions"]}
+    for container in ray_containers(spec) + [autoscaler]:
         env = {e["name"]: e for e in container.get("env", [])}
         assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
         ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
@@ -357,7 +358,9 @@ def test_kuberay_token_auth_from_a_secret(manifest):
         for name, var in env.items():
             if SECRET_NAMES.search(name) and name != "RAY_AUTH_MODE":
                 assert "value" not in var and "secretKeyRef" in var.get("valueFrom", {}), f"{name}: a literal"
-        assert {env["UV_PROJECT_ENVIRONMENT"]["value"], env["UV_NO_SYNC"]["value"]} == {"/ebm_scale/.venv", "1"}
+    for container in ray_containers(spec):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert (env["UV_PROJECT_ENVIRONMENT"], env["UV_NO_SYNC"]) == ("/ebm_scale/.venv", "1"), container["name"]
 
 
 def test_kuberay_head_trains_nothing(manifest):
