@@ -165,8 +165,10 @@ def _print_run(result, cfg) -> None:
 
 
 def _train(cfg) -> int:
+    from ebm_scale.engine import leftovers
     from ebm_scale.engine.run import run_single
 
+    leftovers.stop_leftovers()
     if cfg.scaling.num_workers == 0:
         result = run_single(cfg)
     else:  # a TorchTrainer job: Ray started here is stopped here
@@ -178,6 +180,7 @@ def _train(cfg) -> int:
         finally:
             if started_here and ray.is_initialized():
                 ray.shutdown()
+    leftovers.forget_children()
     _print_run(result, cfg)
     return 0 if result.outcome == "finished" else 1
 
@@ -185,6 +188,7 @@ def _train(cfg) -> int:
 def _run(cfg, resume: bool) -> int:
     import ray
 
+    from ebm_scale.engine import leftovers
     from ebm_scale.engine.sweep import run_sweep
 
     started_here = not ray.is_initialized()
@@ -193,11 +197,41 @@ def _run(cfg, resume: bool) -> int:
     finally:
         if started_here and ray.is_initialized():
             ray.shutdown()
+            leftovers.forget_children()
+    if result.interrupted:
+        c = result.counts
+        print(
+            f"\ninterrupted after {result.seconds:.0f} s: {c['interrupted']} trial(s) unfinished, "
+            f"{c['not_started']} not started ({c['finished']} finished, {c['pruned']} pruned, "
+            f"{c['diverged']} diverged, {c['failed']} failed so far)",
+            file=sys.stderr,
+        )
+        raise KeyboardInterrupt
     _print_result(result, cfg)
     return 0 if result.counts["finished"] or result.counts["pruned"] else 1
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted sweep: the same arguments plus --resume."""
+    import shlex
+
+    args = [a for a in argv if a != "--resume"]
+    return "uv run ebm-scale " + shlex.join(args) + " --resume"
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (`kill`, `ray job stop`, a scheduler's preemption) stops a sweep as Ctrl-C does: Tune saves its
+    state and the runs are marked interrupted, instead of the process dying mid-write."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -220,12 +254,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _compose(name, args.overrides[1:] if name else args.overrides, single_run=True)
             return _train(cfg)
         cfg = _compose(args.sweep, args.overrides)
+        _sigterm_as_interrupt()
         return _run(cfg, resume=args.resume)
     except ConfigError as err:
         print(f"ebm-scale: config error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
+        if args.command == "sweep":
+            print(f"interrupted: continue the sweep with\n  {_resume_command(argv)}", file=sys.stderr)
+        else:
+            print("\ninterrupted: the run is marked failed in MLflow", file=sys.stderr)
         return 130
 
 

@@ -214,13 +214,29 @@ class TrackingConfig(Config):
     PREFIX = "tracking"
 
     uri: str | None = None  # None = sqlite:///<absolute cwd>/mlflow.db, resolved once by the driver
+    # tracking=server: a server's http(s) address is required (MLFLOW_TRACKING_URI or uri); never a local fallback.
+    require_server: bool = False
     experiment: str | None = None  # None = the sweep's name
     async_logging: bool = True  # MLflow's asynchronous logging: a metric write never blocks a step
+    # A new experiment's artifact root (e.g. s3://bucket/mlflow); None = the store's or server's default.
+    artifact_location: str | None = None
 
     def rules(self):
         if self.uri is not None:
             yield Rule(
                 "uri", _uri_problem(self.uri) is None, f"{_uri_problem(self.uri)}, got {self.uri!r}", TRACKING_SCHEMES
+            )
+        yield Rule(
+            "uri",
+            not self.require_server or (self.uri or "").startswith(("http://", "https://")),
+            "tracking=server needs the server's address: export MLFLOW_TRACKING_URI=http://HOST:5000 or set "
+            f"tracking.uri=http://HOST:5000 (got {self.uri!r})",
+        )
+        if self.artifact_location is not None:
+            yield Rule(
+                "artifact_location",
+                "://" in self.artifact_location or self.artifact_location.startswith("/"),
+                f"must be a URI such as s3://bucket/mlflow or an absolute path, got {self.artifact_location!r}",
             )
 
     def resolved_uri(self) -> str:

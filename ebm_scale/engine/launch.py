@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from ebm_scale.config import EbmScaleConfig, flatten, from_dictconfig, set_dotted, to_container
-from ebm_scale.engine import tracking
+from ebm_scale.engine import leftovers, tracking
 from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
 from ebm_scale.engine.loop import train
 from ebm_scale.engine.progress import TRIAL_HEARTBEAT_S
@@ -29,9 +29,14 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # a local Ray of our own: first stop what a killed earlier run left of its own
+        leftovers.stop_leftovers()
     # The dashboard stays on (Ray releases finished trials' placement groups through the State API).
     # Workers' own logs stay in Ray's session folder: a failed trial's error is printed by TrialOutcomes.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    if address is None:
+        leftovers.record_children()
 
 
 def how_many_fit(cfg: EbmScaleConfig, cluster: dict[str, float], need: dict[str, float]) -> int:
@@ -70,6 +75,20 @@ class TrialContext:
     parent_run_id: str
     storage_path: str
     async_logging: bool = True
+
+
+_SCHEMES = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://", "abfs": "abfs://"}  # pyarrow type_name → URI scheme
+
+
+def checkpoint_uri(checkpoint) -> str | None:
+    """Where a Ray checkpoint lies, as a URI a user can pass on: Ray's `.path` is relative to its filesystem
+    and drops the scheme (`bucket/runs/...` for `s3://bucket/runs/...`)."""
+    if checkpoint is None:
+        return None
+    fs = getattr(checkpoint, "filesystem", None)
+    scheme = _SCHEMES.get(getattr(fs, "type_name", "local"), "")
+    path = str(checkpoint.path)
+    return path if not scheme or "://" in path else scheme + path.lstrip("/")
 
 
 def _checkpoint_from(directory: str | None):
@@ -159,11 +178,25 @@ def _localize_backbone(cfg: EbmScaleConfig, ctx: TrialContext) -> None:
         cfg.method.backbone = resolve_backbone(cfg.method.backbone, ctx.tracking_uri)
 
 
+def _tag_node(ctx: TrialContext, run_id: str) -> None:
+    """Which node each rank ran on (`ebm_scale.node.rank<r>`: host and Ray node id), so a run says where its
+    workers were placed (scaling.placement_strategy) and which machine to look at when one rank misbehaves."""
+    import socket
+
+    import ray
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    tracking.set_tags(ctx.tracking_uri, run_id, {f"{tracking.NODE_TAG_PREFIX}{rank}": f"{socket.gethostname()} {node}"})
+
+
 def train_worker(loop_config: dict) -> None:
     """Entry point of every TorchTrainer worker."""
     cfg = from_dictconfig(loop_config["config"])
     ctx: TrialContext = loop_config["context"]
     _localize_backbone(cfg, ctx)  # this worker may be on another node than the trial's driver
+    _tag_node(ctx, loop_config["run_id"])
     session = TrainSession(_tracker(ctx, loop_config["run_id"]))
     try:
         train(cfg, session)

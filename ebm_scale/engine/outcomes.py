@@ -10,6 +10,10 @@ OUTCOMES = ("finished", "pruned", "diverged", "failed")
 
 # MLflow has no 'pruned'/'diverged' status: the run's outcome tag says which.
 MLFLOW_STATUS = {"finished": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
+# A sweep stopped by Ctrl-C, SIGTERM or a killed driver: its unfinished trials (and the sweep's own run) are
+# "interrupted" until `--resume` takes them up again. Never an Optuna state: the trial is not over.
+INTERRUPTED = "interrupted"
+MLFLOW_STATUS[INTERRUPTED] = "KILLED"
 
 # Optuna's trial state per outcome (names of optuna.trial.TrialState, so this module imports nothing).
 OPTUNA_STATE = {"finished": "COMPLETE", "pruned": "PRUNED", "diverged": "FAIL", "failed": "FAIL"}

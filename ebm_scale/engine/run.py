@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ebm_scale.config import EbmScaleConfig, flatten, to_container
 from ebm_scale.data import dataset_spec, load_dataset
-from ebm_scale.engine import tracking
+from ebm_scale.engine import leftovers, tracking
 from ebm_scale.engine.backbones import backbone_kind, resolve_backbone, stage1_config
 from ebm_scale.engine.loop import train
 from ebm_scale.engine.outcomes import trial_outcome
@@ -174,7 +174,9 @@ def run_single(cfg: EbmScaleConfig, printer: Printer = print) -> RunResult:
             f"train-{cfg.name}",
             flatten(to_container(cfg)),
             _run_tags(cfg, run_dir),
+            cfg.tracking.artifact_location,
         )
+        leftovers.record_children()  # the spawned opener (and its resource tracker) outlive a killed run
         try:
             if cfg.scaling.num_workers == 0:
                 metrics, checkpoint, error = _in_process(cfg, uri, opening, run_dir, printer)
@@ -314,7 +316,7 @@ class RunWatcher:
 
 
 def _torch_trainer(cfg, uri, experiment_id, run_id, run_dir, printer):
-    from ebm_scale.engine.launch import TrialContext, torch_trainer
+    from ebm_scale.engine.launch import TrialContext, checkpoint_uri, torch_trainer
 
     context = TrialContext(
         tracking_uri=uri,
@@ -328,5 +330,5 @@ def _torch_trainer(cfg, uri, experiment_id, run_id, run_dir, printer):
             result = torch_trainer(cfg, f"train-{run_id}", run_id, context, []).fit()
     except Exception as err:  # Train V2 raises TrainingFailedError once its retries are spent
         return {}, None, err
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    checkpoint = checkpoint_uri(result.checkpoint)
     return result.metrics or {}, checkpoint, result.error

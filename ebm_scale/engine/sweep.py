@@ -22,10 +22,10 @@ import yaml
 from ray.tune import Callback
 
 from ebm_scale.config import EbmScaleConfig, flatten, to_container
-from ebm_scale.engine import tracking
+from ebm_scale.engine import leftovers, tracking
 from ebm_scale.engine.backbones import backbone_kind
-from ebm_scale.engine.launch import TrialContext, how_many_fit, init_ray, run_trial
-from ebm_scale.engine.outcomes import OPTUNA_STATE, trial_outcome
+from ebm_scale.engine.launch import TrialContext, checkpoint_uri, how_many_fit, init_ray, run_trial
+from ebm_scale.engine.outcomes import INTERRUPTED, OPTUNA_STATE, trial_outcome
 from ebm_scale.engine.progress import HEARTBEAT_S, POLL_S, Clock, Printer, fmt, heartbeat_line
 from ebm_scale.engine.run import preflight, prepare_backbone
 
@@ -89,11 +89,18 @@ def _prune_aware_optuna(cfg: EbmScaleConfig):
             self._ot_study.tell(ot_trial, state=TrialState[OPTUNA_STATE[outcome]])
             self._completed_trials.add(trial_id)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(
         seed=cfg.search.seed, multivariate=cfg.search.multivariate, n_startup_trials=cfg.search.n_startup_trials
     )
     return PruneAwareOptunaSearch(metric=cfg.search.metric, mode=cfg.search.mode, sampler=sampler)
+
+
+def _quiet_optuna() -> None:
+    """Optuna's INFO lines ("A new study created in memory", also when a restored searcher unpickles) would sit
+    between the sweep's own progress lines."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _make_scheduler(cfg: EbmScaleConfig):
@@ -206,8 +213,7 @@ class TrialOutcomes(Callback):
     def _end(self, trial, outcome: str) -> None:
         result = trial.last_result or {}
         tags = {}
-        ckpt = getattr(trial, "checkpoint", None)
-        location = getattr(ckpt, "path", None) or result.get("checkpoint_path")
+        location = checkpoint_uri(getattr(trial, "checkpoint", None)) or result.get("checkpoint_path")
         if location:
             tags[tracking.CHECKPOINT_TAG] = str(location)
         run_id = tracking.find_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id, trial.trial_id)
@@ -233,6 +239,7 @@ class SweepResult:
     counts: dict
     seconds: float
     summary_figures: list
+    interrupted: bool = False  # stopped before every trial ended: `--resume` continues it
 
 
 def run_sweep(
@@ -256,13 +263,13 @@ def run_sweep(
     # small machine: do them side by side. Only the experiment is created before the resource check; the
     # sweep's run is created after it (and after the backbone is ready), so a rejected sweep leaves no run.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        store_ready = pool.submit(tracking.ensure_experiment, uri, experiment)
+        store_ready = pool.submit(tracking.ensure_experiment, uri, experiment, cfg.tracking.artifact_location)
         init_ray()
         concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
         store_ready.result()
     cfg = _with_backbone(cfg, uri, experiment, sweep_path, printer)
     experiment_id, parent_run_id = tracking.start_sweep_run(
-        uri, experiment, sweep_path, f"sweep-{cfg.name}", tracking.provenance_tags()
+        uri, experiment, sweep_path, f"sweep-{cfg.name}", tracking.provenance_tags(), cfg.tracking.artifact_location
     )
     if backbone_kind(cfg) is not None:
         tracking.set_tags(uri, parent_run_id, {tracking.BACKBONE_TAG: cfg.method.backbone})
@@ -285,6 +292,7 @@ def run_sweep(
         f"{concurrency} at a time, {cfg.train.iterations} iterations each "
         f"({'in-process' if cfg.scaling.num_workers == 0 else f'{cfg.scaling.num_workers}-worker TorchTrainer'})"
     )
+    _quiet_optuna()
     if previous and tune.Tuner.can_restore(sweep_path):
         printer(f"resuming from {sweep_path}")
         tuner = tune.Tuner.restore(
@@ -318,7 +326,26 @@ def run_sweep(
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
-    results = tuner.fit()
+    leftovers.record_children()  # Ray's agents, started since ray.init
+    try:
+        with _InterruptWatch() as watch:
+            results = tuner.fit()
+    except BaseException:  # a second Ctrl-C (Tune handles the first), or Tune itself failing
+        _record_interruption(uri, experiment_id, parent_run_id)
+        raise
+    # Ctrl-C / SIGTERM: Tune saves its state and returns, with trials unfinished or never started.
+    if watch.interrupted or len(results) < cfg.search.num_trials:
+        unfinished = _record_interruption(uri, experiment_id, parent_run_id)
+        counts = _outcome_counts(results, cfg, unfinished)
+        counts["not_started"] = cfg.search.num_trials - len(results)
+        printer(
+            f"{callback.clock} interrupted: {len(unfinished)} trial(s) unfinished (their checkpoints are kept), "
+            f"{counts['not_started']} not started"
+        )
+        return SweepResult(
+            experiment, parent_run_id, uri, None, None, None, counts, time.perf_counter() - t0, [], interrupted=True
+        )
+    _end_stale_runs(uri, experiment_id, parent_run_id, results, cfg)
     best = _best_result(results, cfg)
     best_run_id = None
     best_config = best_metrics = None
@@ -399,11 +426,69 @@ def _trial_rows(results, cfg: EbmScaleConfig) -> list[dict]:
     return rows
 
 
-def _outcome_counts(results, cfg) -> dict:
-    counts = {"finished": 0, "pruned": 0, "diverged": 0, "failed": 0}
+def _outcome_counts(results, cfg, unfinished: dict | None = None) -> dict:
+    counts = {"finished": 0, "pruned": 0, "diverged": 0, "failed": 0, INTERRUPTED: 0}
     for row in _trial_rows(results, cfg):
-        counts[row["outcome"]] += 1
+        counts[INTERRUPTED if _trial_id(row["result"]) in (unfinished or {}) else row["outcome"]] += 1
     return counts
+
+
+def _trial_id(result) -> str:
+    """A result's Tune trial id: from its metrics, or (a trial that never reported) its folder's name."""
+    return (result.metrics or {}).get("trial_id") or Path(str(result.path)).name.rsplit("_", 1)[-1]
+
+
+class _InterruptWatch:
+    """Whether Tune's SIGINT handler fired during fit: Tune installs it over the handler it finds and puts that
+    one back when a signal comes, so a sentinel installed before fit is back in place exactly then. (Tune's
+    trial statuses do not say it: its cleanup after an interruption ends the running trials.)"""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.interrupted, self.active = False, threading.current_thread() is threading.main_thread()
+        if self.active:  # Tune catches signals only on the main thread too
+            self.previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._sentinel)
+        return self
+
+    @staticmethod
+    def _sentinel(signum, frame):  # a second Ctrl-C, after Tune's handler gave way: stop now
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.active:
+            self.interrupted = signal.getsignal(signal.SIGINT) is self._sentinel and exc[0] is None
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def _record_interruption(uri, experiment_id, parent_run_id) -> dict[str, str]:
+    """Every run of the sweep still RUNNING (the unfinished trials', the sweep's own) becomes KILLED with outcome
+    'interrupted': none is left RUNNING, and `--resume` reopens them (open_trial_run / start_sweep_run).
+    Returns the unfinished trials (trial id → run id)."""
+    try:
+        running = tracking.running_children(uri, experiment_id, parent_run_id)
+        for run_id in running.values():
+            tracking.end_run(uri, run_id, INTERRUPTED)
+        tracking.end_run(uri, parent_run_id, INTERRUPTED)
+        return running
+    except Exception as err:  # noqa: BLE001 - the store may be what failed; say so, keep the real error
+        print(f"could not mark the sweep's runs interrupted in MLflow ({type(err).__name__}: {err})")
+        return {}
+
+
+def _end_stale_runs(uri, experiment_id, parent_run_id, results, cfg) -> None:
+    """Runs still RUNNING although Tune has ended their trial: the driver was killed after the trial ended but
+    before its outcome was recorded (SIGKILL), and a resumed Tune does not report that trial again."""
+    running = tracking.running_children(uri, experiment_id, parent_run_id)
+    for row in _trial_rows(results, cfg):
+        run_id = running.get(_trial_id(row["result"]))
+        if run_id:
+            tracking.end_run(uri, run_id, row["outcome"])
 
 
 def _best_result(results, cfg: EbmScaleConfig):

@@ -24,6 +24,7 @@ OUTCOME_TAG = "ebm_scale.outcome"
 KIND_TAG = "ebm_scale.run_kind"
 BACKBONE_TAG = "ebm_scale.backbone"  # the backbone reference a two-stage sweep and its trials stand on
 CHECKPOINT_TAG = "ebm_scale.checkpoint"  # where the run's last checkpoint lies
+NODE_TAG_PREFIX = "ebm_scale.node.rank"  # + rank: "<host> <Ray node id>" of the node that rank ran on
 PROGRESS_TAG = "ebm_scale.progress"  # "<step> <iterations/s>", refreshed by a running trial's heartbeat
 # MLflow 3's UI reads this tag (its ExperimentKind enum) to tell training experiments from GenAI ones. 3.17's UI
 # ignores it behind its GenAI / Model training switch: there only the address (`ui_page`) opens the runs table.
@@ -33,10 +34,42 @@ UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store b
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 
 
+_OPENED: set[str] = set()  # SQLite stores this process has opened (MLflow caches the store per URI)
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:") and uri not in _OPENED:
+        return _open_sqlite_store(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def _open_sqlite_store(uri: str):
+    """The first open of a SQLite store runs MLflow's schema migrations; two processes migrating one fresh file
+    at once fail (alembic: "Online migration expected to match one row"). One opener at a time per file: a
+    lock file per database (in the machine's temp folder, so every process finds the same one whatever its
+    cache setting, and none is left beside the database), held while this process builds its store
+    (MlflowClient builds it at once)."""
+    import fcntl
+    import hashlib
+    import os
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(urlparse(uri).path).resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    locks = Path(tempfile.gettempdir()) / f"ebm_scale-locks-{os.getuid()}"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    with open(locks / f"mlflow-{hashlib.sha256(str(db).encode()).hexdigest()[:16]}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _OPENED.add(uri)
+    return client
 
 
 def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
@@ -51,15 +84,49 @@ def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
         socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
     except OSError as err:
         raise ConfigError("tracking.uri", f"no MLflow server answers at {uri} ({err.strerror or err})") from None
+    # Something listens: one real API call, without MLflow's retries (minutes of backoff), with the credentials
+    # MLflow itself would send (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, ~/.mlflow/credentials).
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        response = http_request(
+            creds,
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            max_retries=0,
+            timeout=timeout_s * 3,
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
+    except Exception as err:  # noqa: BLE001 - any transport failure is the same answer for the user
+        raise ConfigError("tracking.uri", f"the MLflow server at {uri} did not answer ({type(err).__name__})") from None
+    if response.status_code in (401, 403):
+        given = creds.username or creds.token
+        raise ConfigError(
+            "tracking.uri",
+            f"the MLflow server at {uri} refused "
+            + ("the credentials given" if given else "a request without credentials")
+            + f" (HTTP {response.status_code}): export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(or write them to ~/.mlflow/credentials)",
+        )
+    if response.status_code != 200:
+        raise ConfigError(
+            "tracking.uri", f"{uri} answers, but not as an MLflow tracking server (HTTP {response.status_code})"
+        )
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment (created, or restored when deleted), tagged so MLflow's UI opens on its runs table."""
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The experiment (created, or restored when deleted), tagged so MLflow's UI opens on its runs table.
+    `artifact_location` applies to a new experiment only (MLflow fixes it at creation)."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            experiment_id = client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            experiment_id = client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except Exception:  # a concurrent creator won the race
             exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -162,9 +229,11 @@ def find_sweep_run(uri: str, experiment: str, sweep_path: str) -> str | None:
     return run.info.run_id if run else None
 
 
-def start_sweep_run(uri: str, experiment: str, sweep_path: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
+def start_sweep_run(
+    uri: str, experiment: str, sweep_path: str, run_name: str, tags: dict[str, str], artifact_location=None
+) -> tuple[str, str]:
     """The sweep's parent run (found again on --resume by the sweep's storage path)."""
-    experiment_id = ensure_experiment(uri, experiment)
+    experiment_id = ensure_experiment(uri, experiment, artifact_location)
     existing = _find_run(uri, experiment_id, SWEEP_TAG, sweep_path)
     if existing is not None:
         _client(uri).update_run(existing.info.run_id, status="RUNNING")
@@ -183,10 +252,10 @@ def open_single_run(uri: str, experiment_id: str, run_name: str, params: dict[st
 
 
 def start_single_run(
-    uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+    uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str], artifact_location=None
 ) -> tuple[str, str]:
     """The experiment (created if new) and a new `ebm-scale train` run in it: (experiment id, run id)."""
-    experiment_id = ensure_experiment(uri, experiment)
+    experiment_id = ensure_experiment(uri, experiment, artifact_location)
     return experiment_id, open_single_run(uri, experiment_id, run_name, params, tags)
 
 
@@ -207,6 +276,16 @@ def open_trial_run(
     return run.info.run_id
 
 
+def running_children(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id (or run id, for a run without one) → run id, for the sweep's runs still marked RUNNING."""
+    runs = _client(uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
+    return {r.data.tags.get(TRIAL_TAG, r.info.run_id): r.info.run_id for r in runs}
+
+
 def find_trial_run(uri: str, experiment_id: str, trial_id: str) -> str | None:
     run = _find_run(uri, experiment_id, TRIAL_TAG, trial_id)
     return run.info.run_id if run else None
@@ -223,13 +302,18 @@ class MlflowTracker:
     def __init__(self, uri: str, run_id: str, async_logging: bool = True):
         self.uri, self.run_id, self.synchronous = uri, run_id, not async_logging
         self.client = _client(uri)
+        # A retried or resumed run trains again from its checkpoint the steps it had already logged before it
+        # died: each metric's newest stored step is its high-water mark, and steps up to it are not logged
+        # twice (the first attempt's points stay). A fresh run has none.
+        self.logged = {m.key: m.step for m in self.client.get_run(run_id).data._metric_objs}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=self.synchronous)
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if step > self.logged.get(k, -1)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=self.synchronous)
 
     def log_artifacts(self, paths: list, artifact_path: str) -> None:
         for p in paths:
