@@ -15,6 +15,7 @@ written to ~/.ray): every client needs `cluster.env` (RAY_AUTH_MODE=token, RAY_A
 
     python tests/servers.py ray-cluster <state.json> <spec.json>    the helper behind ray_cluster()
     python tests/servers.py ray-state <gcs address>                 prints nodes, actors and jobs as JSON
+    python tests/servers.py job-probe                               (a job's entrypoint) what runs where
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ class RayCluster:
     token: str
     process: subprocess.Popen
     log: Path
-    nodes: list[dict] = field(default_factory=list)  # [{node_id, resources}] as started
+    nodes: list[dict] = field(default_factory=list)  # [{node_id, head}] as started
+    node_env: dict[str, str] = field(default_factory=dict)  # what was added to every Ray process's environment
 
     @property
     def env(self) -> dict[str, str]:
@@ -231,7 +233,7 @@ def ray_cluster(
                 raise TimeoutError(f"no Ray cluster within {timeout_s:.0f} s:\n{_tail(log)}")
             time.sleep(0.5)
         info = json.loads(state.read_text())
-        yield RayCluster(info["address"], info["dashboard"], temp_dir, token, proc, log, info["nodes"])
+        yield RayCluster(info["address"], info["dashboard"], temp_dir, token, proc, log, info["nodes"], dict(env or {}))
     finally:
         # The helper shuts the cluster down on SIGTERM (Cluster.shutdown); its Ray processes share its group.
         if proc.poll() is None:
@@ -397,11 +399,42 @@ def _print_state(address: str) -> None:
     print(json.dumps({"nodes": nodes, "actors": actors, "jobs": jobs}, default=str))
 
 
+def _job_probe() -> None:
+    """Run as a Ray job's entrypoint: prints one `PROBE {json}` line — whether the engine sees a job, its
+    working-dir copy, and which ebm_scale the driver and a task of the job import."""
+    import ebm_scale
+    from ebm_scale.engine.jobs import in_ray_job, job_working_dir
+
+    driver_code = ebm_scale.__file__  # ebm_scale first: it sets Ray's environment (uv hook off) before ray loads
+    import ray
+
+    ray.init(logging_level="ERROR", log_to_driver=False)
+
+    @ray.remote(num_cpus=0)
+    def where():
+        import ebm_scale
+
+        return {"code": ebm_scale.__file__, "cwd": os.getcwd()}
+
+    seen = {
+        "in_job": in_ray_job(),
+        "working_dir": str(job_working_dir()),
+        "cwd": os.getcwd(),
+        "driver_code": driver_code,
+        "task": ray.get(where.remote()),
+        "ray_address": os.environ.get("RAY_ADDRESS"),
+    }
+    ray.shutdown()
+    print("PROBE " + json.dumps(seen), flush=True)
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "ray-cluster":
         _serve_cluster(args[0], json.loads(args[1]))
     elif command == "ray-state":
         _print_state(args[0])
+    elif command == "job-probe":
+        _job_probe()
     else:
         raise SystemExit(f"unknown command {command!r}")

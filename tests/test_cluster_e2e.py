@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,226 @@ def test_a_two_worker_trial_spreads_over_two_nodes_with_s3_checkpoints_and_an_ml
         assert len(set(ranks.values())) == 2, ranks
     # Known engine bug (sweep.TrialOutcomes._end): Ray's Checkpoint.path drops the s3:// scheme.
     assert trial.data.tags[CHECKPOINT_TAG].startswith("s3://"), trial.data.tags[CHECKPOINT_TAG]
+
+
+def _workers_on_both_worker_nodes(cluster) -> None:
+    state = servers.ray_state(cluster.address, cluster.env)
+    worker_nodes = {n["node_id"] for n in state["nodes"] if not n["is_head"]}
+    workers = [a for a in state["actors"] if a["class_name"] == "RayTrainWorker"]
+    assert {w["node_id"] for w in workers} == worker_nodes, (workers, state["nodes"])
+
+
+# --- a two-stage method whose backbone is on S3 -------------------------------------------------------------
+
+NT_EBM_TINY = [
+    "method.flow.depth=2",
+    "method.flow.hidden=16",
+    "method.energy.hidden=16",
+    "method.energy.layers=3",
+    "method.sampler.steps=2",
+    "method.sampler.sample_steps=3",
+    *tiny.SHORT_RUN,
+    "eval.mcmc.chains=4",
+    "eval.mcmc.length=20",
+    "eval.mcmc.burn_in=5",
+]
+
+
+@pytest.mark.slow
+def test_a_two_stage_sweep_on_two_nodes_takes_its_backbone_from_s3(cluster, s3, mlflow_s3, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from ebm_scale.cli import main
+    from ebm_scale.methods.backbone import FILE_NAME
+
+    # Stage 1 in this process (no Ray): a tiny flow, its backbone file then put on S3 by hand.
+    monkeypatch.chdir(tmp_path)
+    local = f"sqlite:///{tmp_path}/stage1.db"
+    flow = ["method=flow", "data=8gaussians", "method.flow.depth=2", "method.flow.hidden=16", *tiny.SHORT_RUN]
+    assert main(["train", *flow, "name=flow_stage1", f"tracking.uri={local}", f"storage.path={tmp_path}/runs"]) == 0
+    (run,) = runs_of(local, "flow_stage1")
+    downloaded = Path(MlflowClient(local).download_artifacts(run.info.run_id, "backbone", str(tmp_path / "dl")))
+    reference = s3.put(f"backbones/flow/{FILE_NAME}", (downloaded / FILE_NAME).read_bytes())
+
+    proc = cli(
+        [
+            "sweep",
+            "nt_ebm_toy",
+            *NT_EBM_TINY,
+            "name=two_stage_s3",
+            "search.num_samples=1",
+            "search.scheduler.kind=fifo",
+            *TWO_NODES,
+            f"method.backbone={reference}",
+            f"storage.path={s3.uri('runs')}",
+            f"tracking.uri={mlflow_s3.uri}",
+        ],
+        env=cluster.env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, _show(proc)
+    assert "1 finished" in proc.stdout and "training the flow backbone first" not in proc.stdout, _show(proc)
+    _workers_on_both_worker_nodes(cluster)
+    runs = runs_of(mlflow_s3.uri, "two_stage_s3")
+    trials = [r for r in runs if r.data.tags.get(KIND_TAG) == "trial"]
+    assert len(trials) == 1 and trials[0].data.tags[OUTCOME_TAG] == "finished", [r.data.tags for r in runs]
+    assert trials[0].data.tags["ebm_scale.backbone"] == reference == trials[0].data.params["method.backbone"]
+    # The workers fetched it from S3 into their node's cache (the nodes' EBM_SCALE_CACHE, not the driver's).
+    cached = list((Path(cluster.node_env["EBM_SCALE_CACHE"]) / "backbones").rglob(FILE_NAME))
+    assert cached and s3.bucket in str(cached[0]), cached
+
+
+@pytest.mark.slow
+def test_a_missing_s3_backbone_is_one_config_line_before_any_trial(cluster, s3, mlflow_s3, tmp_path):
+    missing = s3.uri("nowhere/backbone.pt")
+    proc = cli(
+        [
+            "sweep",
+            "nt_ebm_toy",
+            *NT_EBM_TINY,
+            "name=missing_backbone",
+            "search.scheduler.kind=fifo",
+            *TWO_NODES,
+            f"method.backbone={missing}",
+            f"storage.path={s3.uri('runs')}",
+            f"tracking.uri={mlflow_s3.uri}",
+        ],
+        env=cluster.env,
+        cwd=tmp_path,
+        timeout_s=300,
+    )
+    assert proc.returncode == 2, _show(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors[-1].startswith("ebm-scale: config error: method.backbone:") and missing in errors[-1], _show(proc)
+    assert " start " not in proc.stdout and "training the flow backbone" not in proc.stdout, _show(proc)
+    assert not [r for r in runs_of(mlflow_s3.uri, "missing_backbone") if r.info.status == "RUNNING"]
+    assert not keys(s3, "runs/")
+
+
+# --- `ray job submit` against a real `ray start --head` ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head(s3_server):
+    """`ray start --head` (2 CPUs, dashboard, token auth) whose jobs run `uv run` on the project's existing
+    venv (UV_PROJECT_ENVIRONMENT, UV_NO_SYNC: no venv is built inside the job's working-dir copy)."""
+    endpoint, _ = s3_server
+    env = {
+        **ENVIRONMENT,
+        "AWS_ENDPOINT_URL": endpoint,
+        "UV_PROJECT_ENVIRONMENT": str(ROOT / ".venv"),
+        "UV_NO_SYNC": "1",
+    }
+    with servers.ray_head(num_cpus=2, env=env) as h:
+        yield h
+
+
+def job_source(folder: Path) -> Path:
+    """What `ray job submit --working-dir .` packages from the repo root — the files git tracks or does not
+    ignore (Ray honours .gitignore) — copied once: others edit the repo while these tests run, and a folder
+    that changes while Ray zips it can break the upload."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True
+    ).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            dst = folder / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    return folder
+
+
+def submit(head, source: Path, entrypoint: list[str], cwd: Path, runtime_env: dict | None = None, timeout_s=900):
+    """`uv run ray job submit --working-dir <source> -- <entrypoint>`; returns (process, submission id)."""
+    sid = f"ebm-{uuid.uuid4().hex[:8]}"
+    extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
+    proc = subprocess.run(
+        ["uv", "run", "--project", str(ROOT), "ray", "job", "submit", "--address", head.dashboard]
+        + ["--working-dir", str(source), "--submission-id", sid, *extra, "--", *entrypoint],
+        cwd=cwd,
+        env={**os.environ, "UV_NO_SYNC": "1", **head.client_env},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    return proc, sid
+
+
+def job_log(head, sid: str) -> str:
+    return (head.session_dir() / "logs" / f"job-driver-{sid}.log").read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_sweep_on_the_cluster_with_the_nodes_venv(head, s3, tmp_path):
+    source = job_source(tmp_path / "src")
+    with servers.mlflow_server(
+        tmp_path / "mlflow",
+        artifacts_destination=s3.uri("mlflow"),
+        auth=True,
+        env={"MLFLOW_S3_ENDPOINT_URL": s3.endpoint},
+    ) as mlflow:
+        # What runs where: the entrypoint knows it is a job and where its working-dir copy is.
+        probe, sid = submit(head, source, ["uv", "run", "python", "tests/servers.py", "job-probe"], tmp_path)
+        assert probe.returncode == 0, _show(probe)
+        (line,) = [ln for ln in job_log(head, sid).splitlines() if ln.startswith("PROBE ")]
+        seen = json.loads(line[len("PROBE ") :])
+        print("job probe:", json.dumps(seen, indent=1))
+        runtime = head.session_dir() / "runtime_resources" / "working_dir_files"
+        assert seen["in_job"] and Path(seen["working_dir"]).parent == runtime, seen
+        assert Path(seen["cwd"]) == Path(seen["working_dir"]), seen
+
+        t0 = time.time()
+        proc, sid = submit(
+            head,
+            source,
+            ["uv", "run", "ebm-scale", "sweep", "quickstart", *tiny.MLE, *tiny.SHORT_RUN]
+            + ["name=job_sweep", "search.num_samples=2", "search.scheduler.kind=fifo"]
+            + [f"tracking.uri={mlflow.uri}", f"storage.path={s3.uri('runs')}"],
+            tmp_path,
+            # The MLflow credentials reach the job's driver and every trial process, on every node.
+            runtime_env={"env_vars": {k: v for k, v in mlflow.env.items() if k != "MLFLOW_TRACKING_URI"}},
+        )
+        print(f"job took {time.time() - t0:.0f} s")
+        assert proc.returncode == 0, _show(proc)
+        log = job_log(head, sid)
+        assert "done in" in log and "2 finished" in log, log[-4000:]
+
+        with pytest.MonkeyPatch.context() as mp:  # this process reads the server as the same admin user
+            for k, v in mlflow.env.items():
+                mp.setenv(k, v)
+            runs = runs_of(mlflow.uri, "job_sweep")
+        sweep = [r for r in runs if r.data.tags.get(KIND_TAG) == "sweep"]
+        trials = [r for r in runs if r.data.tags.get(KIND_TAG) == "trial"]
+        assert len(sweep) == 1 and len(trials) == 2, [r.data.tags for r in runs]
+        assert all(t.data.tags["mlflow.parentRunId"] == sweep[0].info.run_id for t in trials)
+        assert all(t.info.status == "FINISHED" for t in trials)
+        assert any("/checkpoint_" in k for k in keys(s3, "runs/job_sweep/"))
+
+    # `uv run` in the job used the nodes' venv: nothing was installed into the working-dir copy.
+    copies = [p for p in runtime.iterdir() if p.name.startswith("_ray_pkg_")]
+    assert copies, list(runtime.iterdir())
+    assert not [p for c in copies for p in c.rglob(".venv")], copies
+    # The sweep joined the head's Ray (the job's RAY_ADDRESS): its trials ran there, as actors of the job.
+    state = servers.ray_state(head.address, head.client_env)
+    (job,) = [j for j in state["jobs"] if j["submission_id"] == sid]
+    assert job["status"].endswith("SUCCEEDED"), job
+    assert [a for a in state["actors"] if a["class_name"].startswith("ImplicitFunc")], state["actors"]
+
+
+@pytest.mark.slow
+def test_a_sweep_in_a_ray_job_refuses_the_default_local_stores(head, tmp_path):
+    source = job_source(tmp_path / "src")
+    proc, sid = submit(
+        head,
+        source,
+        ["uv", "run", "ebm-scale", "sweep", "quickstart", *tiny.MLE, *tiny.SHORT_RUN, "search.num_samples=1"],
+        tmp_path,
+        timeout_s=600,
+    )
+    log = job_log(head, sid)
+    assert proc.returncode == 1, _show(proc)  # `ray job submit` exits 1 when the job fails
+    errors = [line for line in log.splitlines() if line.strip()]
+    assert errors[-1].startswith("ebm-scale: config error: tracking.uri: ") and "working directory" in errors[-1], log
+    assert "sweep quickstart:" not in log, log  # refused before the sweep began
+    assert "exit code 2" in proc.stdout + proc.stderr, _show(proc)
