@@ -88,14 +88,22 @@ def _download_mlflow(ref: str, tracking_uri: str, dst: str) -> None:
 def _download_pyarrow(ref: str, dst: str) -> None:
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(ref)
-    info = fs.get_file_info(path)
-    if info.type == pyarrow.fs.FileType.Directory:
-        path = path.rstrip("/") + "/" + FILE_NAME
-    elif info.type == pyarrow.fs.FileType.NotFound:
-        raise ConfigError("method.backbone", f"no backbone at {ref!r}")
-    with fs.open_input_stream(path) as src, open(os.path.join(dst, FILE_NAME), "wb") as out:
-        shutil.copyfileobj(src, out)
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(ref)
+        info = fs.get_file_info(path)
+        if info.type == pyarrow.fs.FileType.Directory:
+            path = path.rstrip("/") + "/" + FILE_NAME
+        elif info.type == pyarrow.fs.FileType.NotFound:
+            raise ConfigError("method.backbone", f"no backbone at {ref!r}")
+        with fs.open_input_stream(path) as src, open(os.path.join(dst, FILE_NAME), "wb") as out:
+            shutil.copyfileobj(src, out)
+    except (OSError, ValueError) as err:  # unknown host, no such bucket, access denied: the store's one line
+        raise ConfigError("method.backbone", f"cannot read {ref!r}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def stage1_config(cfg: EbmScaleConfig) -> EbmScaleConfig:

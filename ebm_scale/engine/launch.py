@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ebm_scale.config import EbmScaleConfig, flatten, from_dictconfig, set_dotted, to_container
 from ebm_scale.engine import leftovers, tracking
 from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
+from ebm_scale.engine.credentials import move_aws_keys_to_file
 from ebm_scale.engine.loop import train
 from ebm_scale.engine.progress import TRIAL_HEARTBEAT_S
 from ebm_scale.engine.state import load_state
@@ -27,6 +28,8 @@ def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS (e.g. after `ray up`), or start a local Ray."""
     import ray
 
+    # Before Tune sees the environment (it copies AWS keys into every trial's runtime env, which Ray logs).
+    move_aws_keys_to_file()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
