@@ -98,7 +98,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 @contextmanager
-def postgres():
+def postgres(max_connections: int = 100):
     """A throwaway PostgreSQL 15 cluster in a temp dir of its own: yields (SQLAlchemy URI, postmaster pid, dir)."""
     pg = Path(tempfile.mkdtemp(prefix="mlflow_load_pg_"))
     as_postgres = []
@@ -110,7 +110,8 @@ def postgres():
     data = pg / "data"
     try:
         run(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
-        opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {pg}"  # TCP on loopback only; the socket in pg/
+        # TCP on loopback only, the socket in pg/; everything else as PostgreSQL ships it (fsync on)
+        opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {pg} -c max_connections={max_connections}"
         run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(pg / "log"), "-w", "-o", opts, "start")
         try:
             run(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
@@ -123,14 +124,16 @@ def postgres():
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, workers: int, timeout_s: float = 180):
-    """`mlflow server` on 127.0.0.1 and a free port, in its own process group: yields (URL, pid)."""
+def mlflow_server(backend_uri: str, workdir: Path, workers: int, env: dict | None = None, timeout_s: float = 300):
+    """`mlflow server` on 127.0.0.1 and a free port, in its own process group: yields (URL, pid). `env`: extra
+    environment for the server (e.g. MLFLOW_SQLALCHEMYSTORE_POOL_SIZE)."""
     port = free_port()
     log = open(workdir / f"mlflow_server_{port}.log", "w")
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", backend_uri, "--default-artifact-root", str(workdir / "artifacts"),
            "--workers", str(workers)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout_s
@@ -235,8 +238,8 @@ def load_test(backend: str, args, workdir: Path) -> dict:
     import psutil
     from mlflow.tracking import MlflowClient
 
-    with _backend(backend, workdir) as (store_uri, db_pid, store_path):
-        with mlflow_server(store_uri, workdir, args.server_workers) as (url, server_pid):
+    with _backend(backend, workdir, args.pg_max_connections) as (store_uri, db_pid, store_path):
+        with mlflow_server(store_uri, workdir, args.server_workers, args.server_env) as (url, server_pid):
             client = MlflowClient(tracking_uri=url)
             exp = client.create_experiment(f"load-{backend}")
             parent = client.create_run(exp, run_name="sweep-load", tags={"ebm_scale.run_kind": "sweep"}).info.run_id
@@ -300,6 +303,8 @@ def load_test(backend: str, args, workdir: Path) -> dict:
         "rate_per_writer": args.rate,
         "duration_s": args.duration,
         "server_workers": args.server_workers,
+        "server_env": args.server_env,
+        "pg_max_connections": args.pg_max_connections if backend == "postgres" else None,
         "store": str(store_path),  # the SQLite file (kept with --workdir) or the PostgreSQL cluster (removed)
         "run_create_s": round(create_s, 2),
         "window_s": round(window, 2),
@@ -348,11 +353,11 @@ def warm_up(client, exp: str, n_metrics: int, server_pid: int) -> None:
 
 
 @contextmanager
-def _backend(backend: str, workdir: Path):
+def _backend(backend: str, workdir: Path, pg_max_connections: int):
     if backend == "sqlite":
         yield f"sqlite:///{workdir / 'mlflow.db'}", None, workdir / "mlflow.db"
     elif backend == "postgres":
-        with postgres() as (uri, pid, pg):
+        with postgres(pg_max_connections) as (uri, pid, pg):
             yield uri, pid, pg
     else:
         raise ValueError(backend)
@@ -404,7 +409,8 @@ def real_trials(args, workdir: Path) -> dict:
     overrides = REAL_OVERRIDES + args.set
     cfg = compose("quickstart", overrides)
     n_iter, log_every, eval_every = cfg.train.iterations, cfg.train.log_every, cfg.train.eval_every
-    with mlflow_server(f"sqlite:///{workdir / 'mlflow.db'}", workdir, args.server_workers) as (url, server_pid):
+    store_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    with mlflow_server(store_uri, workdir, args.server_workers, args.server_env) as (url, server_pid):
         cmd = [str(BIN / "ebm-scale"), "sweep", "quickstart", f"tracking.uri={url}",
                f"storage.path={workdir / 'runs'}", *overrides]  # fmt: skip
         print("$", " ".join(cmd), flush=True)
@@ -498,6 +504,14 @@ def main() -> None:
     ap.add_argument("--metrics", type=int, default=15, help="metrics per batch")
     ap.add_argument("--procs", type=int, default=4, help="client processes the writer threads are spread over")
     ap.add_argument("--server-workers", type=int, default=4, help="mlflow server --workers (uvicorn processes)")
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the mlflow server, e.g. MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=40",
+    )
+    ap.add_argument("--pg-max-connections", type=int, default=100, help="PostgreSQL max_connections (its default)")
     ap.add_argument("--max-retries", type=int, default=RETRY_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
     ap.add_argument("--backoff-factor", type=int, default=RETRY_DEFAULTS["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
     ap.add_argument("--request-timeout", type=int, default=RETRY_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
@@ -507,6 +521,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="keep servers' stores and logs here (default: a temp dir, deleted)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
+    args.server_env = dict(kv.split("=", 1) for kv in args.server_env)
 
     client_env = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(args.max_retries),
@@ -520,7 +535,7 @@ def main() -> None:
     import mlflow
 
     meta = {"commit": commit.stdout.strip(), "mlflow": mlflow.__version__, "cpus": os.cpu_count(),
-            "client_env": client_env, "argv": sys.argv[1:]}  # fmt: skip
+            "client_env": client_env, "server_env": args.server_env, "argv": sys.argv[1:]}  # fmt: skip
     keep = args.workdir is not None
     root = args.workdir or Path(tempfile.mkdtemp(prefix="mlflow_load_"))
     root.mkdir(parents=True, exist_ok=True)
@@ -552,6 +567,7 @@ def main() -> None:
             out = {**meta, "results": results}
             print_table(results)
             print("client env:", " ".join(f"{k}={v}" for k, v in client_env.items()))
+            print("server env:", " ".join(f"{k}={v}" for k, v in args.server_env.items()) or "(MLflow's defaults)")
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(out, indent=1))
