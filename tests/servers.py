@@ -88,13 +88,15 @@ class MlflowServer:
         return env
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+def _wait_http(
+    url: str, proc: subprocess.Popen, log: Path, timeout_s: float, headers: dict[str, str] | None = None
+) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: the server exited with {proc.returncode}:\n{_tail(log)}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -139,8 +141,12 @@ def mlflow_server(
             f"admin_username = {username}\n"
             f"admin_password = {password}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # Each request's password check is a PBKDF2 hash: 6-12 s per request on a loaded 2-core box, past
+            # the sweep's 9 s reachability check. A cached check (MLflow 3.17's basic_auth.ini option) once a minute.
+            "auth_cache_ttl_seconds = 60\n"
         )
         server_env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+        server_env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(16)  # required (CSRF) by the auth app
         cmd += ["--app-name", "basic-auth"]
     log = folder / "server.log"
     with open(log, "wb") as out:
@@ -150,6 +156,12 @@ def mlflow_server(
     server = MlflowServer(f"http://127.0.0.1:{port}", proc, log, artifacts, username, password)
     try:
         _wait_http(f"{server.uri}/health", proc, log, timeout_s)
+        if auth:  # the first password check is the slow one: done here, so the cache is warm for the clients
+            import base64
+
+            basic = base64.b64encode(f"{username}:{password}".encode()).decode()
+            url = f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+            _wait_http(url, proc, log, timeout_s, {"Authorization": f"Basic {basic}"})
         yield server
     finally:
         _stop_group(proc)
@@ -342,7 +354,8 @@ def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None, timeout_s: fl
         proc = subprocess.Popen(cmd, env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, token, proc, log, env or {})
     try:
-        _wait_http(f"{head.dashboard}/api/version", proc, log, timeout_s)
+        # With token auth the dashboard answers 401 to anyone without the token.
+        _wait_http(f"{head.dashboard}/api/version", proc, log, timeout_s, {"Authorization": f"Bearer {token}"})
         yield head
     finally:
         started = []

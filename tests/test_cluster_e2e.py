@@ -22,10 +22,10 @@ import tiny
 from s3server import ENVIRONMENT, s3_fixture, s3_server_fixture  # noqa: F401
 
 from ebm_scale.engine.jobs import JOB_ENV_VAR, check_job_stores, in_ray_job, job_working_dir
+from ebm_scale.engine.tracking import BACKBONE_TAG, CHECKPOINT_TAG, KIND_TAG, NODE_TAG_PREFIX, OUTCOME_TAG
 from ebm_scale.errors import ConfigError
 
 ROOT = servers.ROOT
-CHECKPOINT_TAG, KIND_TAG, OUTCOME_TAG = "ebm_scale.checkpoint", "ebm_scale.run_kind", "ebm_scale.outcome"
 # One trial of the tiny mle as a 2-worker TorchTrainer whose workers go to different nodes, its driver to the
 # head (the only node with `trial_driver`).
 TWO_NODES = [
@@ -192,10 +192,11 @@ def test_a_two_worker_trial_spreads_over_two_nodes_with_s3_checkpoints_and_an_ml
     assert trial.info.status == "FINISHED" and trial.data.tags[OUTCOME_TAG] == "finished"
     assert trial.data.params["scaling.num_workers"] == "2"
     assert trial.info.artifact_uri.startswith("mlflow-artifacts:"), trial.info.artifact_uri
-    ranks = {k: v for k, v in trial.data.tags.items() if k.startswith("ebm_scale.node/")}
-    if ranks:  # the lead may tag each rank's node: then they must differ
-        assert len(set(ranks.values())) == 2, ranks
-    # Known engine bug (sweep.TrialOutcomes._end): Ray's Checkpoint.path drops the s3:// scheme.
+    # Each rank tags the node it ran on ("<host> <Ray node id>"): the two worker nodes.
+    ranks = {k: v.split()[-1] for k, v in trial.data.tags.items() if k.startswith(NODE_TAG_PREFIX)}
+    assert set(ranks) == {f"{NODE_TAG_PREFIX}0", f"{NODE_TAG_PREFIX}1"}, trial.data.tags
+    assert set(ranks.values()) == worker_nodes, (ranks, worker_nodes)
+    # Ray's Checkpoint.path has no scheme: the tag must be a URI that can be opened again.
     assert trial.data.tags[CHECKPOINT_TAG].startswith("s3://"), trial.data.tags[CHECKPOINT_TAG]
 
 
@@ -260,7 +261,7 @@ def test_a_two_stage_sweep_on_two_nodes_takes_its_backbone_from_s3(cluster, s3, 
     runs = runs_of(mlflow_s3.uri, "two_stage_s3")
     trials = [r for r in runs if r.data.tags.get(KIND_TAG) == "trial"]
     assert len(trials) == 1 and trials[0].data.tags[OUTCOME_TAG] == "finished", [r.data.tags for r in runs]
-    assert trials[0].data.tags["ebm_scale.backbone"] == reference == trials[0].data.params["method.backbone"]
+    assert trials[0].data.tags[BACKBONE_TAG] == reference == trials[0].data.params["method.backbone"]
     # The workers fetched it from S3 into their node's cache (the nodes' EBM_SCALE_CACHE, not the driver's).
     cached = list((Path(cluster.node_env["EBM_SCALE_CACHE"]) / "backbones").rglob(FILE_NAME))
     assert cached and s3.bucket in str(cached[0]), cached
@@ -365,6 +366,10 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster_with_the_nodes_venv(head, s3
         runtime = head.session_dir() / "runtime_resources" / "working_dir_files"
         assert seen["in_job"] and Path(seen["working_dir"]).parent == runtime, seen
         assert Path(seen["cwd"]) == Path(seen["working_dir"]), seen
+        # The code shipped with --working-dir is what the driver and the job's tasks import (Ray puts the copy
+        # first on their PYTHONPATH); only the dependencies come from the node's venv.
+        shipped = str(Path(seen["working_dir"]) / "ebm_scale" / "__init__.py")
+        assert seen["driver_code"] == shipped and seen["task"]["code"] == shipped, seen
 
         t0 = time.time()
         proc, sid = submit(
@@ -410,7 +415,8 @@ def test_a_sweep_in_a_ray_job_refuses_the_default_local_stores(head, tmp_path):
     proc, sid = submit(
         head,
         source,
-        ["uv", "run", "ebm-scale", "sweep", "quickstart", *tiny.MLE, *tiny.SHORT_RUN, "search.num_samples=1"],
+        ["uv", "run", "ebm-scale", "sweep", "quickstart", *tiny.MLE, *tiny.SHORT_RUN]
+        + ["search.num_samples=1", "search.scheduler.kind=fifo"],
         tmp_path,
         timeout_s=600,
     )
