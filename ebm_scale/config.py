@@ -304,6 +304,9 @@ class DebugConfig(Config):
 
     nan_at_step: int | None = None  # poison the weights with NaN at this iteration → the trial diverges
     crash_once_at_step: int | None = None  # raise once at this iteration → the trial is retried from its checkpoint
+    # The last rank stops answering once at this iteration (a hung collective on the others): scaling.
+    # collective_timeout_s fails the step and the worker group restarts from its checkpoint. TorchTrainer only.
+    hang_once_at_step: int | None = None
 
 
 MAX_NAME = 100  # the name is a folder name (plus a timestamp) and an MLflow experiment name
@@ -339,6 +342,11 @@ class EbmScaleConfig(Config):
             other is None or other == self.eval.fid.extractor,
             f"{s.metric} is what eval.fid.extractor={other} reports, but the extractor is "
             f"{self.eval.fid.extractor} (which reports {fd[self.eval.fid.extractor]})",
+        )
+        yield Rule(
+            "debug.hang_once_at_step",
+            self.debug.hang_once_at_step is None or self.scaling.num_workers >= 2,
+            "hangs one rank of a TorchTrainer: it needs scaling.num_workers >= 2",
         )
         yield Rule(
             "search.space",

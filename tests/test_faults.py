@@ -190,6 +190,33 @@ def test_a_killed_train_worker_resumes_from_the_newest_checkpoint(tmp_path):
     assert set(ranks) == {f"{tracking.NODE_TAG_PREFIX}0", f"{tracking.NODE_TAG_PREFIX}1"}, ranks
 
 
+@pytest.mark.slow
+def test_a_hung_collective_times_out_and_the_trial_resumes(tmp_path):
+    """One rank stops answering at step 30: the other's all-reduce fails after scaling.collective_timeout_s,
+    the worker group restarts from the step-20 checkpoint and the trial finishes."""
+    args, uri = _sweep_args(
+        tmp_path,
+        "hang",
+        [
+            "search.num_samples=1",
+            "scaling=cpu2",
+            "scaling.collective_timeout_s=10",
+            "train.iterations=60",
+            "train.eval_every=20",
+            "debug.hang_once_at_step=30",
+        ],
+    )
+    done = subprocess.run(
+        [EBM_SCALE, "sweep", *args], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0 and "1 finished" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    # Restored from step 20: the group was restarted (a hang that merely ended would have restored nothing).
+    (run,) = [r for r in _runs(uri, "hang") if r.data.tags.get(tracking.KIND_TAG) == "trial"]
+    assert [v for _, v in _steps_and_values(uri, run.info.run_id, "resumed_from_step")] == [20.0]
+    steps = _steps(uri, run.info.run_id)
+    assert len(steps) == len(set(steps)) and steps[-1] == 60, steps
+
+
 def _steps_and_values(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
 

@@ -185,7 +185,7 @@ def train(cfg: EbmScaleConfig, session: Session) -> RunSummary:
     method.train()
     step = start  # a run restored at its last step trains no further
     for step in range(start + 1, cfg.train.iterations + 1):
-        _debug_faults(cfg, method, step, restored is not None)
+        _debug_faults(cfg, method, step, restored is not None, session)
         batch = next(batches)
         if cfg.train.channels_last and images:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -385,7 +385,7 @@ def _end_diverged(cfg, session, step, last_train, last_eval) -> RunSummary:
     return RunSummary(step=step, diverged=True, metrics=metrics)
 
 
-def _debug_faults(cfg, method, step: int, restored: bool) -> None:
+def _debug_faults(cfg, method, step: int, restored: bool, session) -> None:
     if cfg.debug.nan_at_step == step:
         with torch.no_grad():
             for net in method.networks.values():
@@ -393,3 +393,6 @@ def _debug_faults(cfg, method, step: int, restored: bool) -> None:
                     p.fill_(float("nan"))
     if cfg.debug.crash_once_at_step == step and not restored:
         raise InjectedCrash(f"debug.crash_once_at_step={step}: injected crash (the retry resumes from the checkpoint)")
+    last_rank = session.world_size > 1 and session.rank == session.world_size - 1
+    if cfg.debug.hang_once_at_step == step and not restored and last_rank:
+        time.sleep(10 * cfg.scaling.collective_timeout_s)  # the other ranks' next all-reduce times out first
