@@ -139,6 +139,41 @@ def test_more_workers_than_the_cluster_offers_is_rejected():
     assert err.value.key == "scaling.use_gpu"
 
 
+def test_a_joined_cluster_with_a_given_concurrency_waits_for_its_autoscaler():
+    gpu = compose("quickstart", ["scaling=gpu", "search.max_concurrent_trials=3"])
+    lines: list[str] = []
+    assert max_concurrent_trials(gpu, {"CPU": 8.0}, autoscaling=True, printer=lines.append) == 3
+    assert len(lines) == 1 and "autoscaler" in lines[0] and "scaling.use_gpu" in lines[0]
+    with pytest.raises(ConfigError):  # a local Ray grows no GPUs
+        max_concurrent_trials(gpu, {"CPU": 8.0}, autoscaling=False)
+    with pytest.raises(ConfigError):  # without a given concurrency there is nothing to size the sweep by
+        max_concurrent_trials(compose("quickstart", ["scaling=gpu"]), {"CPU": 8.0}, autoscaling=True)
+
+
+def test_placement_and_driver_resources_reach_the_trial_and_the_fit_check():
+    cfg = compose(
+        "quickstart",
+        ["scaling=cpu2", "scaling.placement_strategy=SPREAD", "scaling.driver_cpus=0",
+         "scaling.driver_resources={trial_driver: 1}", "scaling.accelerator_type=A100"],
+    )  # fmt: skip
+    assert cfg.scaling.driver_bundle() == {"CPU": 0.0, "trial_driver": 1.0}
+    need = cfg.scaling.trial_resources()
+    assert need["trial_driver"] == 1.0 and need["accelerator_type:A100"] == pytest.approx(0.002)
+    with pytest.raises(ConfigError) as err:
+        max_concurrent_trials(cfg, {"CPU": 8.0, "accelerator_type:A100": 1.0})
+    assert err.value.key == "scaling.driver_resources"
+    with pytest.raises(ConfigError) as err:
+        max_concurrent_trials(cfg, {"CPU": 8.0, "trial_driver": 4.0})
+    assert err.value.key == "scaling.accelerator_type"
+    assert max_concurrent_trials(cfg, {"CPU": 8.0, "trial_driver": 4.0, "accelerator_type:A100": 1.0}) == 4
+    with pytest.raises(ConfigError) as err:
+        compose("quickstart", ["scaling.placement_strategy=SPREAD"])  # in-process trials have no workers to place
+    assert err.value.key == "scaling.placement_strategy"
+    with pytest.raises(ConfigError) as err:
+        compose("quickstart", ["scaling.driver_resources={GPU: 1}"])
+    assert err.value.key == "scaling.driver_resources"
+
+
 def test_concurrency_follows_resources():
     cfg = compose("quickstart")  # in-process trials, 1 CPU each
     assert max_concurrent_trials(cfg, {"CPU": 2.0}) == 2

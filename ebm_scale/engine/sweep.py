@@ -28,6 +28,7 @@ from ebm_scale.engine.launch import TrialContext, checkpoint_uri, how_many_fit, 
 from ebm_scale.engine.outcomes import INTERRUPTED, OPTUNA_STATE, trial_outcome
 from ebm_scale.engine.progress import HEARTBEAT_S, POLL_S, Clock, Printer, fmt, heartbeat_line
 from ebm_scale.engine.run import preflight, prepare_backbone
+from ebm_scale.errors import ConfigError
 
 # What a trial's result says about the model and the run; the rest (pid, hostname, time_since_restore,
 # training_iteration, ...) is Tune's bookkeeping and is not logged as the sweep's best metrics.
@@ -121,9 +122,22 @@ def _make_scheduler(cfg: EbmScaleConfig):
 # --- Ray and resources --------------------------------------------------------------------------------
 
 
-def max_concurrent_trials(cfg: EbmScaleConfig, cluster: dict[str, float]) -> int:
-    """How many trials fit at once; a ConfigError naming the key if even one never fits."""
-    n = how_many_fit(cfg, cluster, cfg.scaling.trial_resources())
+def max_concurrent_trials(
+    cfg: EbmScaleConfig, cluster: dict[str, float], autoscaling: bool = False, printer: Printer = print
+) -> int:
+    """How many trials fit at once; a ConfigError naming the key if even one never fits. `autoscaling` (a
+    cluster joined through RAY_ADDRESS, with search.max_concurrent_trials given): what the cluster lacks now,
+    its autoscaler may add (GPU nodes with min_workers 0), so the given concurrency stands, with a note."""
+    try:
+        n = how_many_fit(cfg, cluster, cfg.scaling.trial_resources())
+    except ConfigError as err:
+        if not (autoscaling and cfg.search.max_concurrent_trials):
+            raise
+        printer(
+            f"note: {err} now; waiting for the autoscaler to add nodes "
+            f"({cfg.search.max_concurrent_trials} trial(s) at a time, search.max_concurrent_trials)"
+        )
+        return max(1, min(cfg.search.max_concurrent_trials, cfg.search.num_samples))
     if cfg.search.max_concurrent_trials:
         n = min(n, cfg.search.max_concurrent_trials)
     return max(1, min(n, cfg.search.num_samples))
@@ -265,7 +279,8 @@ def run_sweep(
     with ThreadPoolExecutor(max_workers=1) as pool:
         store_ready = pool.submit(tracking.ensure_experiment, uri, experiment, cfg.tracking.artifact_location)
         init_ray()
-        concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+        joined = bool(os.environ.get("RAY_ADDRESS"))  # an existing cluster, which may autoscale
+        concurrency = max_concurrent_trials(cfg, ray.cluster_resources(), autoscaling=joined, printer=printer)
         store_ready.result()
     cfg = _with_backbone(cfg, uri, experiment, sweep_path, printer)
     experiment_id, parent_run_id = tracking.start_sweep_run(
