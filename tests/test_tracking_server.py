@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import tiny
 from mlflow.tracking import MlflowClient
-from s3server import s3_server_fixture  # noqa: F401
+from s3server import s3_fixture, s3_server_fixture  # noqa: F401
 from servers import mlflow_server
 
 from ebm_scale.engine import tracking
 
 EBM_SCALE = str(Path(sys.executable).parent / "ebm-scale")
-pytestmark = pytest.mark.slow  # each test runs a server and a sweep: tens of seconds
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +59,15 @@ def _as_admin(monkeypatch, server) -> MlflowClient:
     return MlflowClient(server.uri)
 
 
+@pytest.mark.slow
 def test_a_sweep_on_a_shared_server_and_s3_keeps_every_secret_out(shared, tmp_path, monkeypatch):
     server, bucket, s3, aws = shared
     ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths must stay short
     env = _client_env(tmp_path, server, aws, RAY_TMPDIR=ray_tmp)
     env.pop("MLFLOW_TRACKING_URI")  # tracking=server must be given the address
     args = [
-        "sweep", "quickstart", *tiny.MLE, *tiny.SHORT_RUN, "name=secrets", "search.num_samples=2", "search.scheduler.kind=fifo",
-        f"tracking.uri={server.uri}", f"storage.path=s3://{bucket}/runs",
+        "sweep", "quickstart", *tiny.MLE, *tiny.SHORT_RUN, "name=secrets", "search.num_samples=2",
+        "search.scheduler.kind=fifo", f"tracking.uri={server.uri}", f"storage.path=s3://{bucket}/runs",
     ]  # fmt: skip
     try:
         done = _run(args, env, tmp_path)
@@ -106,10 +106,19 @@ def test_a_sweep_on_a_shared_server_and_s3_keeps_every_secret_out(shared, tmp_pa
                 pass
         leaks = [(where, v[:6] + "…") for where, text in places.items() for v in secret_values if v in text]
         assert not leaks, leaks
+
+        # --resume finds the sweep's state on S3: nothing reruns, the same parent run.
+        again = _run([*args, "--resume"], env, tmp_path)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+        assert f"resuming from s3://{bucket}/runs/secrets/" in again.stdout, again.stdout
+        assert "2 finished" in again.stdout and " start " not in again.stdout, again.stdout
+        runs_after = client.search_runs([experiment.experiment_id])
+        assert sorted(r.info.run_id for r in runs_after) == sorted(r.info.run_id for r in runs)
     finally:
         subprocess.run(["rm", "-rf", ray_tmp])
 
 
+@pytest.mark.slow
 def test_refused_credentials_are_one_line_before_any_run(shared, tmp_path, monkeypatch):
     server, bucket, _, aws = shared
     for password in (None, "wrong-password"):
@@ -126,3 +135,15 @@ def test_refused_credentials_are_one_line_before_any_run(shared, tmp_path, monke
         assert ("the credentials given" if password else "without credentials") in err[0]
     client = _as_admin(monkeypatch, server)
     assert client.get_experiment_by_name("refused") is None, "nothing was recorded"
+
+
+def test_artifact_location_puts_a_new_experiments_artifacts_on_s3(s3, tmp_path):
+    """tracking.artifact_location with a local store: MLflow's own S3 client writes the artifacts (it finds the
+    endpoint through AWS_ENDPOINT_URL, as boto3 does)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment_id = tracking.ensure_experiment(uri, "s3-artifacts", artifact_location=s3.uri("mlflow"))
+    run_id = tracking.create_run(uri, experiment_id)
+    tracking.log_text(uri, run_id, "hello", "notes/hello.txt")
+    keys = [o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])]
+    assert keys == [f"mlflow/{run_id}/artifacts/notes/hello.txt"], keys
+    assert tracking.list_artifacts(uri, run_id, "notes") == ["notes/hello.txt"]
