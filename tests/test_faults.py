@@ -337,3 +337,8 @@ def test_checkpoint_uris_keep_their_scheme():
     assert checkpoint_uri(Checkpoint("bucket/runs/ckpt", filesystem=s3)) == "s3://bucket/runs/ckpt"
     assert checkpoint_uri(Checkpoint("/tmp/runs/ckpt")) == "/tmp/runs/ckpt"
     assert checkpoint_uri(None) is None
+    from ebm_scale.engine.sweep import _on_storage
+
+    assert _on_storage("bucket/runs/x/checkpoint_000002", "s3://bucket/runs") == "s3://bucket/runs/x/checkpoint_000002"
+    assert _on_storage("/tmp/runs/x", "/tmp/runs") == "/tmp/runs/x"
+    assert _on_storage(None, "s3://b") is None

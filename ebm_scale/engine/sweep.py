@@ -227,7 +227,9 @@ class TrialOutcomes(Callback):
     def _end(self, trial, outcome: str) -> None:
         result = trial.last_result or {}
         tags = {}
-        location = checkpoint_uri(getattr(trial, "checkpoint", None)) or result.get("checkpoint_path")
+        location = checkpoint_uri(getattr(trial, "checkpoint", None)) or _on_storage(
+            result.get("checkpoint_path"), self.ctx.storage_path
+        )
         if location:
             tags[tracking.CHECKPOINT_TAG] = str(location)
         run_id = tracking.find_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id, trial.trial_id)
@@ -237,6 +239,14 @@ class TrialOutcomes(Callback):
             f"{self.clock} {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "
             f"{self.metric}={fmt(result.get(self.metric))}"
         )
+
+
+def _on_storage(path: str | None, storage: str) -> str | None:
+    """A TorchTrainer trial's checkpoint path as TuneReportCallback reports it (relative to the storage's
+    filesystem, `bucket/runs/...`) as a URI with the storage's scheme (`s3://bucket/runs/...`)."""
+    if not path or "://" in path or "://" not in storage:
+        return path
+    return storage.split("://", 1)[0] + "://" + path.lstrip("/")
 
 
 # --- the sweep ----------------------------------------------------------------------------------------
