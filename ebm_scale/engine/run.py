@@ -20,6 +20,7 @@ from ebm_scale.config import EbmScaleConfig, flatten, to_container
 from ebm_scale.data import dataset_spec, load_dataset
 from ebm_scale.engine import leftovers, tracking
 from ebm_scale.engine.backbones import backbone_kind, resolve_backbone, stage1_config
+from ebm_scale.engine.jobs import check_job_stores
 from ebm_scale.engine.loop import train
 from ebm_scale.engine.outcomes import trial_outcome
 from ebm_scale.engine.progress import HEARTBEAT_S, POLL_S, Clock, Printer, fmt, heartbeat_line
@@ -141,8 +142,9 @@ def pretrain_backbone(cfg: EbmScaleConfig, printer: Printer = print) -> str:
 
 
 def preflight(cfg: EbmScaleConfig) -> None:
-    """What can fail before anything is recorded: the tracking server, an image dataset that is not where
-    data.root says, FID weights that are missing, a given backbone."""
+    """What can fail before anything is recorded: stores a Ray job would delete, the tracking server, an image
+    dataset that is not where data.root says, FID weights that are missing, a given backbone."""
+    check_job_stores(cfg.tracking.resolved_uri(), cfg.storage.resolved_path())  # inside `ray job submit`
     tracking.check_reachable(cfg.tracking.resolved_uri())
     if dataset_spec(cfg.data).kind == "image":
         from ebm_scale.metrics.images import check_fid_weights
