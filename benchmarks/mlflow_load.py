@@ -72,7 +72,8 @@ def free_port() -> int:
 
 
 def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes and all their descendants (the living ones)."""
+    """User + system CPU of these processes and all their descendants, including the exited children they have
+    reaped (PostgreSQL's connection backends come and go: their time is in the postmaster's children_* fields)."""
     import psutil
 
     total, seen = 0.0, set()
@@ -88,7 +89,7 @@ def _cpu_seconds(pids: list[int]) -> float:
             seen.add(p.pid)
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
+                total += t.user + t.system + t.children_user + t.children_system
             except psutil.NoSuchProcess:
                 pass
     return total
