@@ -387,6 +387,9 @@ def _print_state(address: str) -> None:
     import ray
     from ray.util.state import list_actors, list_jobs, list_nodes
 
+    # The State API finds its cluster through RAY_ADDRESS; without it, it gives up when this machine runs
+    # more than one Ray ("Found multiple active Ray instances").
+    os.environ["RAY_ADDRESS"] = address
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         nodes = [
