@@ -294,6 +294,18 @@ def test_a_missing_s3_backbone_is_one_config_line_before_any_trial(cluster, s3, 
     assert not keys(s3, "runs/")
 
 
+@pytest.mark.slow
+def test_a_wrong_ray_token_is_one_config_line(cluster, tmp_path):
+    env = {**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}
+    proc = cli(["sweep", "quickstart", "name=wrong_token", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+               env=env, cwd=tmp_path, timeout_s=300)  # fmt: skip
+    assert proc.returncode == 2, _show(proc)
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("ebm-scale: config error: RAY_ADDRESS: the Ray cluster at"), _show(proc)
+    assert "refused this client's token" in last and "RAY_AUTH_MODE=token" in last, _show(proc)
+    assert "Traceback" not in proc.stderr, _show(proc)
+
+
 # --- `ray job submit` against a real `ray start --head` ------------------------------------------------------
 
 

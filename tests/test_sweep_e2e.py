@@ -139,7 +139,7 @@ def test_injected_nan_ends_one_trial_as_diverged_and_the_sweep_goes_on(tmp_path)
         ],
         space="{debug.nan_at_step: {grid: [7, 1000]}}",
     )
-    assert result.counts == {"finished": 1, "pruned": 0, "diverged": 1, "failed": 0}
+    assert result.counts == {"finished": 1, "pruned": 0, "diverged": 1, "failed": 0, "interrupted": 0}
     by_outcome = {r.data.tags[OUTCOME_TAG]: r for r in _children(client, result)}
     bad = by_outcome["diverged"]
     assert bad.info.status == "FAILED"

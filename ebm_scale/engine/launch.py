@@ -37,9 +37,30 @@ def init_ray() -> None:
         leftovers.stop_leftovers()
     # The dashboard stays on (Ray releases finished trials' placement groups through the State API).
     # Workers' own logs stay in Ray's session folder: a failed trial's error is printed by TrialOutcomes.
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as err:
+        if address is None:
+            raise
+        raise ConfigError("RAY_ADDRESS", _join_failure(address, err)) from None
     if address is None:
         leftovers.record_children()
+
+
+def _join_failure(address: str, err: BaseException) -> str:
+    """Why joining the cluster at RAY_ADDRESS failed, in one line: a refused token (Ray 2.60 turns token
+    authentication on) or nothing answering there."""
+    chain, seen = [], err
+    while seen is not None:
+        chain.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(chain)
+    if "AuthenticationError" in text or "InvalidAuthToken" in text or "auth token" in text.lower():
+        return (
+            f"the Ray cluster at {address} refused this client's token: export RAY_AUTH_MODE=token and the "
+            "cluster's token (the head's ~/.ray/auth_token copied here, or RAY_AUTH_TOKEN)"
+        )
+    return f"no Ray cluster answers at {address} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
 
 
 def how_many_fit(cfg: EbmScaleConfig, cluster: dict[str, float], need: dict[str, float]) -> int:

@@ -72,7 +72,7 @@ def _open_sqlite_store(uri: str):
     return client
 
 
-def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+def check_reachable(uri: str, timeout_s: float = 3.0, answer_s: float = 30.0) -> None:
     """An http(s) tracking server must answer before anything is launched: a quick connect, one clear line."""
     import socket
 
@@ -96,12 +96,13 @@ def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
             "/api/2.0/mlflow/experiments/search",
             "GET",
             max_retries=0,
-            timeout=timeout_s * 3,
+            timeout=answer_s,  # a basic-auth server hashes the password per request: seconds on a busy host
             raise_on_status=False,
             params={"max_results": 1},
         )
     except Exception as err:  # noqa: BLE001 - any transport failure is the same answer for the user
-        raise ConfigError("tracking.uri", f"the MLflow server at {uri} did not answer ({type(err).__name__})") from None
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ConfigError("tracking.uri", f"the MLflow server at {uri} did not answer: {first}") from None
     if response.status_code in (401, 403):
         given = creds.username or creds.token
         raise ConfigError(
