@@ -2,7 +2,9 @@
 or by PostgreSQL, and (--real-trials) a real sweep logging into one.
 
     uv run python benchmarks/mlflow_load.py                                  # SQLite and PostgreSQL, 200 writers, 60 s
-    uv run python benchmarks/mlflow_load.py --backend sqlite --writers 4 --duration 3   # smoke run (~15 s)
+    uv run python benchmarks/mlflow_load.py --backend sqlite --writers 4 --duration 3   # smoke run (~1 min)
+    uv run python benchmarks/mlflow_load.py --server-env MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=40 \
+        --server-env MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=40 --pg-max-connections 400   # the pool a shared server needs
     uv run python benchmarks/mlflow_load.py --rate 0.2 --metrics 20 --out load.json  # another trial profile
     uv run python benchmarks/mlflow_load.py --real-trials                    # a real 8-trial sweep into one server
 
