@@ -219,17 +219,6 @@ def _resume_command(argv: list[str]) -> str:
     return "uv run ebm-scale " + shlex.join(args) + " --resume"
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (`kill`, `ray job stop`, a scheduler's preemption) stops a sweep as Ctrl-C does: Tune saves its
-    state and the runs are marked interrupted, instead of the process dying mid-write."""
-    import os
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -254,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _compose(name, args.overrides[1:] if name else args.overrides, single_run=True)
             return _train(cfg)
         cfg = _compose(args.sweep, args.overrides)
-        _sigterm_as_interrupt()
         return _run(cfg, resume=args.resume)
     except ConfigError as err:
         print(f"ebm-scale: config error: {err}", file=sys.stderr)

@@ -97,11 +97,12 @@ def _check_resumed(uri: str, name: str, parent_before: str, lines: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_of_the_sweep_then_resume(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_sigint_or_sigterm_of_the_sweep_then_resume(tmp_path, stop):
     args, uri = _sweep_args(tmp_path, "sigint")
     env = _env(tmp_path)
     proc, lines = _start_and_wait([EBM_SCALE, "sweep", *args], tmp_path, env, starts=2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(120) == 130, out
     assert "interrupted" in out and "done in" not in out, out

@@ -466,7 +466,9 @@ def _trial_id(result) -> str:
 class _InterruptWatch:
     """Whether Tune's SIGINT handler fired during fit: Tune installs it over the handler it finds and puts that
     one back when a signal comes, so a sentinel installed before fit is back in place exactly then. (Tune's
-    trial statuses do not say it: its cleanup after an interruption ends the running trials.)"""
+    trial statuses do not say it: its cleanup after an interruption ends the running trials.)
+    SIGTERM (`kill`, a scheduler's preemption) is made a SIGINT meanwhile: Tune saves its state and the runs
+    are marked interrupted, where Ray's own handler, installed by ray.init, would abort the process."""
 
     def __enter__(self):
         import signal
@@ -475,7 +477,9 @@ class _InterruptWatch:
         self.interrupted, self.active = False, threading.current_thread() is threading.main_thread()
         if self.active:  # Tune catches signals only on the main thread too
             self.previous = signal.getsignal(signal.SIGINT)
+            self.previous_term = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGINT, self._sentinel)
+            signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
         return self
 
     @staticmethod
@@ -488,6 +492,7 @@ class _InterruptWatch:
         if self.active:
             self.interrupted = signal.getsignal(signal.SIGINT) is self._sentinel and exc[0] is None
             signal.signal(signal.SIGINT, self.previous)
+            signal.signal(signal.SIGTERM, self.previous_term)
         return False
 
 
