@@ -4,7 +4,7 @@
 service bound to 0.0.0.0 (dashboard on 127.0.0.1, MLflow on the head's private address, with basic auth on a
 PostgreSQL store on 127.0.0.1); token auth on every node; the head trains nothing (CPU 0, a `trial_driver`
 resource); Ray started from the project's venv with UV_PROJECT_ENVIRONMENT exported, so `uv run` in a job's
-working dir reuses it. The KubeRay manifest: KubeRay's own CRD schema (../shared/schemas/kuberay), strictly
+working dir reuses it. The KubeRay manifest: KubeRay's own CRD schema (tests/schemas/kuberay), strictly
 (unknown fields rejected, as `kubectl apply`'s strict field validation does), with a broken copy shown to fail;
 no Service exposed outside the cluster; token auth from a Secret.
 """
@@ -23,7 +23,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 ROOT = Path(__file__).resolve().parents[1]
 RAY_UP_CONFIGS = ["ray_cluster.yaml", "clusters/gcp.yaml", "clusters/onprem.yaml"]
 KUBERAY = ROOT / "clusters/kuberay.yaml"
-KUBERAY_CRD = ROOT.parent / "shared/schemas/kuberay/ray.io_rayclusters.yaml"
+KUBERAY_CRD = ROOT / "tests/schemas/kuberay/ray.io_rayclusters.yaml"  # KubeRay's own, vendored (README there)
 COMMAND_KEYS = [
     "initialization_commands",
     "setup_commands",
