@@ -126,6 +126,31 @@ def test_crashed_trial_resumes_from_its_checkpoint_without_a_second_run(tmp_path
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == 30
 
 
+def test_a_trials_error_reaches_the_terminal_and_its_mlflow_run(tmp_path):
+    result, client, lines = _sweep(
+        tmp_path,
+        "error",
+        [
+            "search.num_samples=1",
+            "search.scheduler.kind=fifo",
+            "scaling.max_failures=0",
+            "train.iterations=10",
+            "train.eval_every=10",
+            "debug.crash_once_at_step=5",
+        ],
+        space="{}",
+    )
+    assert result.counts["failed"] == 1
+    shown = [line for line in lines if "injected crash" in line]
+    assert shown and "debug.crash_once_at_step=5" in shown[0], lines
+    (run,) = _children(client, result)
+    assert (
+        run.info.status == "FAILED" and "debug.crash_once_at_step=5: injected crash" in run.data.tags["ebm_scale.error"]
+    )
+    traceback = open(client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))).read()
+    assert "ebm_scale.engine.loop.InjectedCrash" in traceback and "\x1b[" not in traceback  # no terminal colours
+
+
 def test_injected_nan_ends_one_trial_as_diverged_and_the_sweep_goes_on(tmp_path):
     result, client, lines = _sweep(
         tmp_path,

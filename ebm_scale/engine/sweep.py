@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -216,17 +217,20 @@ class TrialOutcomes(Callback):
         self._end(trial, trial_outcome(trial.last_result, self.iterations, error=False))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "failed")
         error = getattr(trial, "error_file", None) or getattr(
             getattr(trial, "run_metadata", None), "error_filename", None
         )
-        if error and os.path.exists(error):
-            lines = [line for line in open(error).read().strip().splitlines() if line.strip()]
-            self.printer("           " + (lines[-1] if lines else "(no message)") + f"  [full traceback: {error}]")
+        text = open(error).read().strip() if error and os.path.exists(error) else ""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours its error files for a terminal
+        lines = [line for line in text.splitlines() if line.strip()]
+        message = lines[-1].strip() if lines else "(no message)"
+        # The error's last line on the run (a tag the runs table can show) and its whole traceback as an artifact.
+        self._end(trial, "failed", {tracking.ERROR_TAG: message[:5000]}, traceback=text)
+        self.printer("           " + message + (f"  [full traceback: {error}]" if error else ""))
 
-    def _end(self, trial, outcome: str) -> None:
+    def _end(self, trial, outcome: str, extra_tags: dict | None = None, traceback: str = "") -> None:
         result = trial.last_result or {}
-        tags = {}
+        tags = dict(extra_tags or {})
         location = checkpoint_uri(getattr(trial, "checkpoint", None)) or _on_storage(
             result.get("checkpoint_path"), self.ctx.storage_path
         )
@@ -234,6 +238,8 @@ class TrialOutcomes(Callback):
             tags[tracking.CHECKPOINT_TAG] = str(location)
         run_id = tracking.find_trial_run(self.ctx.tracking_uri, self.ctx.experiment_id, trial.trial_id)
         if run_id:
+            if traceback:
+                tracking.log_text(self.ctx.tracking_uri, run_id, traceback, "error.txt")
             tracking.end_run(self.ctx.tracking_uri, run_id, outcome, tags)
         self.printer(
             f"{self.clock} {outcome:8s} {trial.trial_id}  step {result.get('step', 0)}/{self.iterations}  "

@@ -24,6 +24,7 @@ OUTCOME_TAG = "ebm_scale.outcome"
 KIND_TAG = "ebm_scale.run_kind"
 BACKBONE_TAG = "ebm_scale.backbone"  # the backbone reference a two-stage sweep and its trials stand on
 CHECKPOINT_TAG = "ebm_scale.checkpoint"  # where the run's last checkpoint lies
+ERROR_TAG = "ebm_scale.error"  # a failed trial's error, its last line (the whole traceback: artifact error.txt)
 NODE_TAG_PREFIX = "ebm_scale.node.rank"  # + rank: "<host> <Ray node id>" of the node that rank ran on
 PROGRESS_TAG = "ebm_scale.progress"  # "<step> <iterations/s>", refreshed by a running trial's heartbeat
 # MLflow 3's UI reads this tag (its ExperimentKind enum) to tell training experiments from GenAI ones. 3.17's UI
