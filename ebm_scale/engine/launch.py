@@ -115,6 +115,9 @@ def checkpoint_uri(checkpoint) -> str | None:
     return path if not scheme or "://" in path else scheme + path.lstrip("/")
 
 
+CHECKPOINTS_KEPT = 2  # per run: the newest, and the one before it in case the newest is incomplete
+
+
 def _checkpoint_from(directory: str | None):
     import ray.tune
 
@@ -258,7 +261,7 @@ def run_trial(sampled: dict, base: dict, context: TrialContext) -> None:
 def torch_trainer(cfg: EbmScaleConfig, name: str, run_id: str, context: TrialContext, callbacks: list):
     """The TorchTrainer job of one run: `cfg.scaling.num_workers` workers each running `train_worker`.
     `name` is deterministic, so a retried run finds its last checkpoint."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     sc = cfg.scaling
@@ -283,6 +286,8 @@ def torch_trainer(cfg: EbmScaleConfig, name: str, run_id: str, context: TrialCon
             if "://" not in context.storage_path
             else context.storage_path.rstrip("/") + "/train_runs",
             failure_config=FailureConfig(max_failures=sc.max_failures),
+            # As many as an in-process trial keeps (Tune's CheckpointConfig): Train alone would keep every one.
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             callbacks=callbacks,
         ),
     )
