@@ -115,9 +115,6 @@ def checkpoint_uri(checkpoint) -> str | None:
     return path if not scheme or "://" in path else scheme + path.lstrip("/")
 
 
-CHECKPOINTS_KEPT = 2  # per run: the newest, and the one before it in case the newest is incomplete
-
-
 def _checkpoint_from(directory: str | None):
     import ray.tune
 
@@ -264,6 +261,8 @@ def torch_trainer(cfg: EbmScaleConfig, name: str, run_id: str, context: TrialCon
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ebm_scale.engine.run import CHECKPOINTS_KEPT
+
     sc = cfg.scaling
     backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
     resources = {"CPU": sc.cpus_per_worker}
@@ -286,7 +285,7 @@ def torch_trainer(cfg: EbmScaleConfig, name: str, run_id: str, context: TrialCon
             if "://" not in context.storage_path
             else context.storage_path.rstrip("/") + "/train_runs",
             failure_config=FailureConfig(max_failures=sc.max_failures),
-            # As many as an in-process trial keeps (Tune's CheckpointConfig): Train alone would keep every one.
+            # As many as every other run keeps: Train alone would keep every one.
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             callbacks=callbacks,
         ),

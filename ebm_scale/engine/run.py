@@ -26,7 +26,7 @@ from ebm_scale.engine.outcomes import trial_outcome
 from ebm_scale.engine.progress import HEARTBEAT_S, POLL_S, Clock, Printer, fmt, heartbeat_line
 from ebm_scale.methods.backbone import check_backbone
 
-CHECKPOINTS_KEPT = 2  # as many as a sweep's trial keeps (its CheckpointConfig)
+CHECKPOINTS_KEPT = 2  # per run (in-process, a Tune trial, a TorchTrainer job): the newest and the one before
 
 
 @dataclass

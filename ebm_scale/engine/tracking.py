@@ -198,16 +198,19 @@ def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str) -> st
 
 def running_trials_progress(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
     """Trial id → its last heartbeat (PROGRESS_TAG), for the sweep's running trials: one query."""
-    runs = _client(uri).search_runs(
-        [experiment_id],
-        filter_string=(f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"),
-        max_results=1000,
-    )
     return {
         r.data.tags[TRIAL_TAG]: r.data.tags[PROGRESS_TAG]
-        for r in runs
+        for r in _running_children(uri, experiment_id, parent_run_id)
         if TRIAL_TAG in r.data.tags and PROGRESS_TAG in r.data.tags
     }
+
+
+def _running_children(uri: str, experiment_id: str, parent_run_id: str) -> list:
+    return _client(uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
 
 
 def _find_run(uri: str, experiment_id: str, tag: str, value: str):
@@ -280,11 +283,7 @@ def open_trial_run(
 
 def running_children(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
     """Trial id (or run id, for a run without one) → run id, for the sweep's runs still marked RUNNING."""
-    runs = _client(uri).search_runs(
-        [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-        max_results=10000,
-    )
+    runs = _running_children(uri, experiment_id, parent_run_id)
     return {r.data.tags.get(TRIAL_TAG, r.info.run_id): r.info.run_id for r in runs}
 
 
