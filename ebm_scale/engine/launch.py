@@ -20,7 +20,7 @@ from ebm_scale.engine.backbones import backbone_kind, resolve_backbone
 from ebm_scale.engine.credentials import move_aws_keys_to_file
 from ebm_scale.engine.loop import train
 from ebm_scale.engine.progress import TRIAL_HEARTBEAT_S
-from ebm_scale.engine.state import load_state
+from ebm_scale.engine.state import CHECKPOINTS_KEPT, load_state
 from ebm_scale.errors import ConfigError
 
 
@@ -260,8 +260,6 @@ def torch_trainer(cfg: EbmScaleConfig, name: str, run_id: str, context: TrialCon
     `name` is deterministic, so a retried run finds its last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ebm_scale.engine.run import CHECKPOINTS_KEPT
 
     sc = cfg.scaling
     backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")

@@ -24,9 +24,8 @@ from ebm_scale.engine.jobs import check_job_stores
 from ebm_scale.engine.loop import train
 from ebm_scale.engine.outcomes import trial_outcome
 from ebm_scale.engine.progress import HEARTBEAT_S, POLL_S, Clock, Printer, fmt, heartbeat_line
+from ebm_scale.engine.state import CHECKPOINTS_KEPT
 from ebm_scale.methods.backbone import check_backbone
-
-CHECKPOINTS_KEPT = 2  # per run (in-process, a Tune trial, a TorchTrainer job): the newest and the one before
 
 
 @dataclass

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+CHECKPOINTS_KEPT = 2  # per run (in-process, a Tune trial, a TorchTrainer job): the newest and the one before
+
 STATE_FILE = "state.pt"
 
 

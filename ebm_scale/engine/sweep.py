@@ -28,7 +28,8 @@ from ebm_scale.engine.backbones import backbone_kind
 from ebm_scale.engine.launch import TrialContext, checkpoint_uri, how_many_fit, init_ray, run_trial
 from ebm_scale.engine.outcomes import INTERRUPTED, OPTUNA_STATE, trial_outcome
 from ebm_scale.engine.progress import HEARTBEAT_S, POLL_S, Clock, Printer, fmt, heartbeat_line
-from ebm_scale.engine.run import CHECKPOINTS_KEPT, preflight, prepare_backbone
+from ebm_scale.engine.run import preflight, prepare_backbone
+from ebm_scale.engine.state import CHECKPOINTS_KEPT
 from ebm_scale.errors import ConfigError
 
 # What a trial's result says about the model and the run; the rest (pid, hostname, time_since_restore,
